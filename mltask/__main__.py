@@ -1,0 +1,5 @@
+import sys
+
+from mltask.cli import main
+
+sys.exit(main())

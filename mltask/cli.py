@@ -1,0 +1,97 @@
+"""``mltask``: golemcli-style commands for the ML hyperparameter search task type.
+
+    mltask types
+    mltask tasks create TASK.json [--backend local] [--workers N] [--output DIR] [--force]
+    mltask tasks show DIR
+    mltask tasks template
+    mltask tasks schema
+
+Every user mistake ends as one line on stderr naming the field and the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from mltask import __version__
+from mltask.backends import BACKENDS
+from mltask.errors import EXIT_USAGE, TaskError
+from mltask.registry import TASK_TYPES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mltask", description="ML hyperparameter search as a Golem task type.")
+    parser.add_argument("--version", action="version", version=f"mltask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("types", help="list the task types mltask provides")
+    tasks = sub.add_parser("tasks", help="create and inspect tasks").add_subparsers(dest="action", required=True)
+    create = tasks.add_parser("create", help="run a search described by a task JSON file")
+    create.add_argument("task", type=Path, help="task JSON file")
+    create.add_argument("--backend", default="local", choices=BACKENDS, help="where subtasks run (default: local)")
+    create.add_argument("--workers", type=_positive, default=None, help="providers at once (default: CPU count)")
+    create.add_argument("--output", type=Path, default=None, help="results dir (default: options.output_path)")
+    create.add_argument("--force", action="store_true", help="replace a previous task in the output dir")
+    create.add_argument("--quiet", action="store_true", help="no progress bar or leaderboard")
+    show = tasks.add_parser("show", help="print the leaderboard of a task's output dir")
+    show.add_argument("dir", type=Path)
+    tasks.add_parser("template", help="print a minimal valid task JSON")
+    tasks.add_parser("schema", help="print the JSON Schema of a task")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Console()
+    try:
+        if args.command == "types":
+            for info in TASK_TYPES.values():
+                out.print(f"[bold]{info.id}[/]  {info.name}: {info.description}", highlight=False)
+        elif args.action == "template":
+            print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].defaults(), indent=2))
+        elif args.action == "schema":
+            print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].schema(), indent=2))
+        elif args.action == "show":
+            from mltask.console import leaderboard
+            from mltask.runner import show
+
+            summary = show(args.dir)
+            counts = summary.counts()
+            out.print(
+                f"{summary.name} ({summary.task_id}): {summary.status}; {counts['complete']} complete, "
+                f"{counts['failed']} failed of {counts['planned']}"
+            )
+            out.print(leaderboard(summary))
+        else:
+            from mltask.runner import run_task
+
+            result = run_task(
+                args.task, backend=args.backend, workers=args.workers, output=args.output, force=args.force,
+                quiet=args.quiet,
+            )
+            return 0 if result.summary.status == "finished" else 1
+    except TaskError as exc:
+        print(f"mltask: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mltask: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

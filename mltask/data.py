@@ -1,0 +1,122 @@
+"""Datasets: scikit-learn's built-in sets, CSV files with a target column, NPZ arrays.
+
+Loaded the same way on the requestor (to validate and to refit) and on providers (to train).
+NPZ files are read with ``allow_pickle=False``: a dataset is data, never code.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mltask.definition import DatasetSpec
+from mltask.errors import TaskError
+
+_MISSING = {"", "na", "nan", "null", "none"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: tuple[str, ...]
+
+    @property
+    def non_numeric_features(self) -> list[str]:
+        if self.X.dtype != object:
+            return []
+        return [
+            name
+            for j, name in enumerate(self.feature_names)
+            if any(isinstance(v, str) for v in self.X[:, j])
+        ]
+
+
+def load_dataset(spec: DatasetSpec, resources_dir: Path) -> Dataset:
+    """Load ``spec``; files are looked up by name in ``resources_dir``."""
+    if spec.builtin is not None:
+        return _load_builtin(spec.builtin)
+    path = resources_dir / (spec.file or "")
+    field = "options.dataset.csv" if spec.csv else "options.dataset.npz"
+    if not path.is_file():
+        raise TaskError(field, f"{spec.file!r} is not among the resources; list its path in `resources`")
+    if spec.csv is not None:
+        return _load_csv(path, spec.target or "", field)
+    return _load_npz(path, field)
+
+
+def _load_builtin(name: str) -> Dataset:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")()
+    names = tuple(str(n) for n in getattr(bunch, "feature_names", range(bunch.data.shape[1])))
+    return Dataset(np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), names)
+
+
+def _load_csv(path: Path, target: str, field: str) -> Dataset:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TaskError(field, f"cannot read {path.name} as CSV ({exc})") from None
+    if len(rows) < 3:
+        raise TaskError(field, f"{path.name} needs a header row and at least two data rows")
+    header, body = rows[0], rows[1:]
+    if target not in header:
+        raise TaskError(
+            "options.dataset.target", f"no column {target!r} in {path.name}; columns are {', '.join(header)}"
+        )
+    ragged = next((i for i, r in enumerate(body, start=2) if len(r) != len(header)), None)
+    if ragged is not None:
+        raise TaskError(field, f"{path.name} line {ragged} has a different number of fields than the header")
+    columns = list(zip(*body))
+    t = header.index(target)
+    features = [j for j in range(len(header)) if j != t]
+    converted = [_as_numbers(columns[j]) for j in features]
+    if all(c is not None for c in converted):
+        X = np.column_stack(converted).astype(np.float64)
+    else:
+        X = np.empty((len(body), len(features)), dtype=object)
+        for k, j in enumerate(features):
+            X[:, k] = converted[k] if converted[k] is not None else columns[j]
+    y_num = _as_numbers(columns[t])
+    if y_num is not None and np.isnan(y_num).any():
+        raise TaskError("options.dataset.target", f"column {target!r} has missing values; drop those rows")
+    y = y_num if y_num is not None else np.asarray(columns[t], dtype=str)
+    if y_num is not None and np.all(y_num == np.round(y_num)):
+        y = y_num.astype(np.int64)
+    return Dataset(X, y, tuple(header[j] for j in features))
+
+
+def _as_numbers(column: tuple[str, ...]) -> np.ndarray | None:
+    """The column as floats (missing values as NaN), or ``None`` if any cell is text."""
+    out = np.empty(len(column), dtype=np.float64)
+    for i, cell in enumerate(column):
+        cell = cell.strip()
+        if cell.lower() in _MISSING:
+            out[i] = np.nan
+            continue
+        try:
+            out[i] = float(cell)
+        except ValueError:
+            return None
+    return out
+
+
+def _load_npz(path: Path, field: str) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("X", "y") if k not in npz.files]
+            if missing:
+                raise TaskError(field, f"{path.name} has no array {missing[0]!r}; save it with np.savez(f, X=X, y=y)")
+            X, y = npz["X"], npz["y"]
+    except TaskError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise TaskError(field, f"cannot read {path.name} as NPZ without pickle ({exc})") from None
+    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+        raise TaskError(field, f"{path.name}: X must be 2-D and y 1-D with as many rows (got {X.shape}, {y.shape})")
+    return Dataset(X, y, tuple(f"x{j}" for j in range(X.shape[1])))

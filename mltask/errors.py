@@ -1,0 +1,50 @@
+"""The one error type a user should ever see.
+
+Every mistake a requestor can make (bad task JSON, a missing file, an unknown scorer...)
+is raised as :class:`TaskError` naming the field at fault and what to do about it. The CLI
+prints it as one line and exits with :data:`EXIT_USAGE`; nothing else escapes as a
+traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class TaskError(Exception):
+    """A user-facing error: ``field: what is wrong; what to do``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def pydantic_error_to_task_error(exc: "pydantic.ValidationError", prefix: str = "") -> TaskError:  # noqa: F821
+    """Turn pydantic's multi-line report into one line about the first problem.
+
+    pydantic lists every error with its location; a requestor fixes one thing at a time,
+    so we report the first, with a hint for the common kinds.
+    """
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in err["loc"] if not _is_union_tag(part))
+    field = ".".join(p for p in (prefix, loc) if p)
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown field; remove it or check its spelling (`mltask tasks schema` lists the fields)"
+    elif kind == "missing":
+        msg = "required field is missing; add it (`mltask tasks template` shows a valid task)"
+    elif kind.startswith("value_error"):
+        msg = msg.removeprefix("Value error, ")
+    else:
+        got = err.get("input")
+        if got is not None and not isinstance(got, (dict, list)):
+            msg = f"{msg} (got {got!r})"
+    return TaskError(field, msg)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic puts the chosen union member ("int", "float", "function-after[...]") in
+    # the location; users think of the JSON path only.
+    return isinstance(part, str) and (part in {"int", "float", "categorical", "fixed", "str", "list[...]"} or "[" in part)

@@ -1,0 +1,187 @@
+"""The subtask protocol: what a requestor sends a provider and what comes back.
+
+Both directions are JSON files in Golem's directory layout::
+
+    /golem/resources/   dataset and script files (read-only), checked against sha256
+    /golem/work/subtask.json     a SubtaskDefinition
+    /golem/output/result.json    a SubtaskResult
+
+A result is untrusted data from a stranger's machine. :func:`read_result` opens it without
+following links, bounds its size before parsing, validates it against the schema (finite
+numbers, bounded strings and lists) and checks that it answers the subtask that was sent:
+same ids, same trials, same parameters, same seeds. Nothing in it is ever executed or
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mltask.definition import CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
+from mltask.space import Scalar
+
+PROTOCOL_VERSION = 1
+SUBTASK_FILE = "subtask.json"
+RESULT_FILE = "result.json"
+_BASE_RESULT_BYTES = 64 * 1024
+_PER_TRIAL_RESULT_BYTES = 32 * 1024
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+Params = dict[Annotated[str, Field(max_length=200)], Scalar]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResourceRef(_Wire):
+    """A file in the resources dir; providers refuse to run if its hash differs."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$")]
+    sha256: Digest
+    size: int = Field(ge=0)
+
+
+class Problem(_Wire):
+    """What a trial means, resolved by the requestor; identical in every subtask of a task."""
+
+    estimator: EstimatorSpec | None
+    script: ScriptSpec | None
+    dataset: DatasetSpec
+    scoring: str | None
+    cv: CVSpec
+    allowed_modules: list[str]
+    resources: list[ResourceRef]
+
+
+class TrialSpec(_Wire):
+    number: int = Field(ge=0)
+    params: Params
+    seed: int = Field(ge=0, lt=2**32)
+
+
+class SubtaskDefinition(_Wire):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    task_id: Ident
+    subtask_id: Ident
+    problem: Problem
+    trials: list[TrialSpec] = Field(min_length=1)
+
+
+class TrialResult(_Wire):
+    """One configuration's outcome, as in a row of scikit-learn's ``cv_results_``."""
+
+    number: int = Field(ge=0)
+    params: Params
+    seed: int = Field(ge=0, lt=2**32)
+    status: Literal["ok", "failed"]
+    fold_scores: list[FiniteFloat] = Field(default=[], max_length=100)
+    mean_score: FiniteFloat | None = None
+    std_score: FiniteFloat | None = None
+    fit_times: list[Seconds] = Field(default=[], max_length=100)
+    score_times: list[Seconds] = Field(default=[], max_length=100)
+    fingerprint: Digest | None = Field(default=None, description="sha256 of the rounded out-of-fold predictions.")
+    error: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class Environment(_Wire):
+    """Versions that decide whether two runs can be compared bit for bit."""
+
+    mltask: Annotated[str, Field(max_length=50)]
+    python: Annotated[str, Field(max_length=50)]
+    numpy: Annotated[str, Field(max_length=50)]
+    sklearn: Annotated[str, Field(max_length=50)]
+
+
+class SubtaskResult(_Wire):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    task_id: Ident
+    subtask_id: Ident
+    environment: Environment
+    trials: list[TrialResult]
+    compute_time: Seconds
+
+
+class ResultError(Exception):
+    """A result that cannot be accepted as an answer to its subtask, with the reason."""
+
+
+def result_size_limit(subtask: SubtaskDefinition) -> int:
+    """Largest result a subtask can honestly produce (errors and fold lists are bounded)."""
+    return _BASE_RESULT_BYTES + _PER_TRIAL_RESULT_BYTES * len(subtask.trials)
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """Read a regular file that must not be a link nor larger than ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise ResultError(f"no {path.name} was written") from None
+    except OSError as exc:
+        raise ResultError(f"{path.name} cannot be opened safely ({exc.strerror}); links are refused") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ResultError(f"{path.name} is not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ResultError(f"{path.name} is larger than the {limit}-byte bound for this subtask")
+    return data
+
+
+def read_result(output_dir: Path, subtask: SubtaskDefinition) -> SubtaskResult:
+    """Read and structurally check the answer to ``subtask`` from ``output_dir``."""
+    data = read_bounded(output_dir / RESULT_FILE, result_size_limit(subtask))
+    try:
+        result = SubtaskResult.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ResultError(f"result does not match the schema at {where or 'top level'}: {first['msg']}") from None
+    check_answers(result, subtask)
+    return result
+
+
+def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
+    """The result must answer exactly the trials that were sent, in order, with their seeds."""
+    if (result.task_id, result.subtask_id) != (subtask.task_id, subtask.subtask_id):
+        raise ResultError(f"result answers subtask {result.subtask_id!r}, not {subtask.subtask_id!r}")
+    sent = [(t.number, t.params, t.seed) for t in subtask.trials]
+    got = [(t.number, t.params, t.seed) for t in result.trials]
+    if sent != got:
+        raise ResultError("result trials differ from those sent (numbers, parameters or seeds)")
+    folds = subtask_folds(subtask)
+    for trial in result.trials:
+        if trial.status == "ok":
+            if trial.mean_score is None or len(trial.fold_scores) != folds or len(trial.fit_times) != folds:
+                raise ResultError(f"trial {trial.number} is ok but lacks its {folds} fold scores and times")
+        elif not trial.error:
+            raise ResultError(f"trial {trial.number} failed without an error message")
+
+
+def subtask_folds(subtask: SubtaskDefinition) -> int:
+    cv = subtask.problem.cv
+    return 1 if cv.kind == "holdout" else cv.folds
+
+
+def dumps(model: BaseModel) -> str:
+    return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))

@@ -1,0 +1,123 @@
+"""The provider entry point: one subtask in, one result JSON out, in Golem's layout.
+
+Every backend runs this: the local backend calls :func:`run_subtask` inside its worker
+processes, the Docker image and Golem providers run ``python -m mltask.provider``, and the
+verifier calls it on the requestor to re-run a subtask. Loading the dataset, hashing
+resources and building the splits happen once per process and problem, not once per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+from mltask import __version__
+from mltask.data import load_dataset
+from mltask.errors import TaskError
+from mltask.problem import TrialEvaluator, make_splits
+from mltask.protocol import (
+    RESULT_FILE,
+    SUBTASK_FILE,
+    Environment,
+    Problem,
+    ResourceRef,
+    SubtaskDefinition,
+    SubtaskResult,
+    dumps,
+    write_json_atomic,
+)
+
+GOLEM_RESOURCES = Path("/golem/resources")
+GOLEM_WORK = Path("/golem/work")
+GOLEM_OUTPUT = Path("/golem/output")
+
+
+def environment() -> Environment:
+    import numpy
+    import sklearn
+
+    return Environment(
+        mltask=__version__, python=platform.python_version(), numpy=numpy.__version__, sklearn=sklearn.__version__
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def check_resources(refs: list[ResourceRef], resources_dir: Path) -> None:
+    """Refuse to train on resources other than those the requestor hashed."""
+    for ref in refs:
+        path = resources_dir / ref.name
+        if path.is_symlink() or not path.is_file():
+            raise TaskError("resources", f"{ref.name} is missing from {resources_dir}")
+        info = path.stat()
+        if _cached_sha256(path, info.st_size, info.st_mtime_ns) != ref.sha256:
+            raise TaskError("resources", f"{ref.name} does not match its sha256; the resources changed")
+
+
+@functools.lru_cache(maxsize=2)
+def _evaluator(problem_json: str, resources_dir: Path) -> TrialEvaluator:
+    problem = Problem.model_validate_json(problem_json)
+    data = load_dataset(problem.dataset, resources_dir)
+    return TrialEvaluator(problem, data, make_splits(problem.cv, data), resources_dir)
+
+
+def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> SubtaskResult:
+    """Train and score every trial of ``subtask`` with one BLAS/OpenMP thread."""
+    from threadpoolctl import threadpool_limits
+
+    started = time.perf_counter()
+    check_resources(subtask.problem.resources, resources_dir)
+    evaluator = _evaluator(dumps(subtask.problem), resources_dir)
+    with threadpool_limits(limits=1):
+        trials = [evaluator.evaluate(trial) for trial in subtask.trials]
+    return SubtaskResult(
+        task_id=subtask.task_id,
+        subtask_id=subtask.subtask_id,
+        environment=environment(),
+        trials=trials,
+        compute_time=time.perf_counter() - started,
+    )
+
+
+def run_subtask(work_dir: Path, resources_dir: Path, output_dir: Path) -> None:
+    """Read ``work_dir/subtask.json``, write ``output_dir/result.json``."""
+    subtask = SubtaskDefinition.model_validate_json((work_dir / SUBTASK_FILE).read_bytes())
+    result = evaluate_subtask(subtask, resources_dir)
+    write_json_atomic(output_dir / RESULT_FILE, dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mltask-provider", description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=GOLEM_WORK, help="dir holding subtask.json")
+    parser.add_argument("--resources", type=Path, default=GOLEM_RESOURCES, help="dir holding the resources")
+    parser.add_argument("--output", type=Path, default=GOLEM_OUTPUT, help="dir to write result.json to")
+    args = parser.parse_args(argv)
+    try:
+        run_subtask(args.work, args.resources, args.output)
+    except TaskError as exc:
+        print(f"mltask-provider: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # includes pydantic's ValidationError
+        print(f"mltask-provider: bad subtask: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

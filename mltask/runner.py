@@ -1,0 +1,126 @@
+"""``run_task``: create a task, run it on a backend, write results. The CLI is a thin shell on it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mltask.backends import make_backend
+from mltask.console import SearchProgress, leaderboard
+from mltask.definition import PipelineSpec, TaskDefinition, load_definition, parse_definition
+from mltask.errors import TaskError
+from mltask.protocol import Problem
+from mltask.report import PLOT_FILE, REPORT_FILE, write_report
+from mltask.results import BEST_JSON, MODEL_FILE, RESULTS_CSV, RESULTS_JSON, Summary, refit_best, summarize, write_results
+from mltask.scheduler import drive
+from mltask.store import Store
+from mltask.task import RESOURCES_DIR, STATE_FILE, HyperparameterSearchTask
+
+SCRATCH_DIR = "scratch"
+_OUTPUTS = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", RESULTS_JSON, RESULTS_CSV, BEST_JSON, MODEL_FILE,
+            REPORT_FILE, PLOT_FILE)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output_dir: Path
+    summary: Summary
+    model_path: Path | None
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.summary.best
+
+
+def run_task(
+    task: str | Path | dict[str, Any] | TaskDefinition,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Run a search end to end; ``task`` is a task file, its parsed JSON or a definition."""
+    console = console or Console(stderr=True, quiet=quiet)
+    definition, base_dir = _definition(task)
+    output_dir = Path(output or definition.options.output_path or Path("mltask-results") / definition.name)
+    if force:
+        _clear(output_dir)
+    search = HyperparameterSearchTask.create(definition, base_dir, output_dir)
+    started = time.monotonic()
+    status = "finished"
+    with make_backend(backend, workers, preload=_modules(search.problem)) as runner:
+        runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
+        with SearchProgress(console, search.n_trials, definition.name, enabled=not quiet) as bar:
+            try:
+                status = drive(search, runner, timeout=definition.timeout_seconds, on_update=bar.update)
+            except KeyboardInterrupt:
+                search.abort()
+                status = "interrupted"
+            bar.update(search.progress(), force=True)
+    search_seconds = time.monotonic() - started
+    shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
+    search.store.set_meta("status", status)
+    return finish(search.store, output_dir, console, timing={"search_seconds": round(search_seconds, 3)})
+
+
+def finish(store: Store, output_dir: Path, console: Console, timing: dict[str, float]) -> RunResult:
+    """Refit the best model, write every result file, print the leaderboard."""
+    meta = store.meta()
+    summary = summarize(store, meta.get("status", "running"))
+    problem = Problem.model_validate_json(meta["problem"])
+    t0 = time.monotonic()
+    model_path = refit_best(output_dir, problem, summary, output_dir / RESOURCES_DIR)
+    timing["refit_seconds"] = round(time.monotonic() - t0, 3)
+    write_results(output_dir, summary, extra={"timing": timing})
+    notes = [f"refit model: `{MODEL_FILE}`" if model_path else "no refit model (script tasks return scores only)"]
+    write_report(output_dir, summary, notes)
+    if summary.complete:
+        console.print(leaderboard(summary))
+    best = summary.best
+    if best is not None:
+        console.print(f"best: trial {best['number']} {summary.scoring} = {best['mean_test_score']:.6g} {best['params']}")
+    console.print(f"status: {summary.status}; results in {output_dir}/ ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_FILE})")
+    return RunResult(output_dir, summary, model_path)
+
+
+def show(output_dir: Path) -> Summary:
+    store = Store.open(Path(output_dir) / STATE_FILE)
+    try:
+        return summarize(store, store.meta().get("status", "running"))
+    finally:
+        store.close()
+
+
+def _definition(task: str | Path | dict[str, Any] | TaskDefinition) -> tuple[TaskDefinition, Path]:
+    if isinstance(task, TaskDefinition):
+        return task, Path.cwd()
+    if isinstance(task, dict):
+        return parse_definition(task), Path.cwd()
+    path = Path(task)
+    return load_definition(path), path.resolve().parent
+
+
+def _clear(output_dir: Path) -> None:
+    """``--force``: remove a previous task's files, and only those."""
+    for name in _OUTPUTS:
+        (output_dir / name).unlink(missing_ok=True)
+    for name in (RESOURCES_DIR, SCRATCH_DIR):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
+def _modules(problem: Problem) -> tuple[str, ...]:
+    """Modules for the local workers to import once, before forking."""
+    spec = problem.estimator
+    paths = [p for _, p in spec.pipeline] if isinstance(spec, PipelineSpec) else [spec] if spec else []
+    return tuple(sorted({p.rpartition(".")[0] for p in paths if any(p.startswith(a) for a in problem.allowed_modules)}))
+
+
+__all__ = ["RunResult", "TaskError", "run_task", "show"]

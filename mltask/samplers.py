@@ -1,0 +1,67 @@
+"""Search algorithms: one Optuna sampler per ``options.algorithm``.
+
+Optuna does the searching; this module only picks and configures a sampler so that it works
+under asynchronous, batched ask-and-tell, where many trials are pending at once:
+TPE uses the constant liar (pending trials count as bad guesses, so a batch spreads out),
+and QMC is told the search space up front (see :class:`_KnownSpaceQMCSampler`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+
+from mltask.errors import TaskError
+from mltask.space import SearchSpace
+
+
+class _KnownSpaceQMCSampler(optuna.samplers.QMCSampler):
+    """QMC that knows the search space before the first trial completes.
+
+    Optuna's QMCSampler learns the space from the first *finished* trial and samples the
+    trials before it at random; with a whole batch asked up front that would be the entire
+    first batch. Our space is declared in the task, so we hand it over.
+    """
+
+    def __init__(self, space: dict[str, BaseDistribution], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._known_space = {
+            name: dist for name, dist in space.items() if not isinstance(dist, optuna.distributions.CategoricalDistribution)
+        }
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, BaseDistribution]:
+        return self._known_space
+
+
+def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
+    """The Optuna sampler for ``algorithm``; raises :class:`TaskError` if it cannot serve ``space``."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if algorithm == "grid":
+        try:
+            return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        except ValueError as exc:
+            raise TaskError("options.search_space", str(exc)) from None
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if algorithm == "qmc":
+        if space.is_conditional:
+            raise TaskError("options.algorithm", "qmc needs a space without `when` conditions; use tpe or random")
+        return _KnownSpaceQMCSampler(
+            space.distributions(), seed=seed, scramble=True, warn_asynchronous_seeding=False,
+            warn_independent_sampling=False,
+        )
+    if algorithm == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, multivariate=True, group=space.is_conditional
+        )
+    if algorithm == "cmaes":
+        try:
+            import cmaes  # noqa: F401  # Optuna's CMA-ES needs it; fail now, not mid-search
+        except ImportError:
+            raise TaskError("options.algorithm", "cmaes needs the `cmaes` package; pip install cmaes") from None
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise TaskError("options.algorithm", f"unknown algorithm {algorithm!r}")

@@ -1,0 +1,35 @@
+"""mltask: ML hyperparameter search as a Golem task type."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mltask",
+    version="0.1.0",
+    description="Machine-learning hyperparameter search as a Golem task type",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mltask", "mltask.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "optuna>=4.0",
+        "pydantic>=2.5",
+        "rich>=13",
+        "matplotlib>=3.7",
+        "joblib>=1.3",
+        "threadpoolctl>=3.1",
+    ],
+    extras_require={
+        "cmaes": ["cmaes>=0.10"],
+        "docker": ["docker>=7"],
+        "golem": ["golem-core>=0.7"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mltask=mltask.cli:main",
+            "mltask-provider=mltask.provider:main",
+        ]
+    },
+)
