@@ -118,6 +118,26 @@ class CVSpec(_Strict):
     seed: int | None = Field(default=None, description="Seed of the splits; default: the task seed.")
 
 
+class VerificationOptions(_Strict):
+    """How results from untrusted providers are checked by re-running them on the requestor.
+
+    A spot check re-runs ``checks_per_subtask`` random (trial, fold) evaluations of a
+    subtask and compares each fold's score and prediction fingerprint. Because it costs
+    1/(trials x folds) of the subtask, every subtask can be checked for a few percent of
+    compute, which is what catching a provider that fakes a fifth of its work needs (see
+    the README). A trial that would become the new best is re-run in full first.
+    """
+
+    sample_rate: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Fraction of subtasks spot-checked (each provider's first always, unless 0).",
+    )
+    checks_per_subtask: int = Field(default=1, ge=1, le=100, description="(trial, fold) evaluations per spot check.")
+    verify_best: bool = Field(default=True, description="Re-run in full every trial that would become the best.")
+    rel_tolerance: float = Field(default=1e-9, ge=0, le=1, description="Relative tolerance on fold scores.")
+    abs_tolerance: float = Field(default=1e-12, ge=0, description="Absolute tolerance on fold scores.")
+
+
 class SearchOptions(_Strict):
     """The search itself: what to tune, on what data, how to score, which algorithm."""
 
@@ -138,6 +158,7 @@ class SearchOptions(_Strict):
     allowed_modules: list[str] = Field(
         default=["sklearn."], description="Import-path prefixes providers may import estimators from."
     )
+    verification: VerificationOptions = VerificationOptions()
 
     @model_validator(mode="after")
     def _one_model(self) -> "SearchOptions":

@@ -19,7 +19,7 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -143,22 +143,29 @@ class TrialEvaluator:
             self._base = build_estimator(problem)
             self._scorer = get_scorer(problem.scoring)
 
-    def evaluate(self, trial: TrialSpec) -> TrialResult:
-        """Score one configuration on every fold; any exception fails this trial only."""
+    def evaluate(self, trial: TrialSpec, folds: Sequence[int] | None = None) -> TrialResult:
+        """Score one configuration on every fold (or only ``folds``, for spot checks).
+
+        Any exception fails this trial only. Each fold gets its own fingerprint of the
+        predictions it was scored on, so a verifier can re-run a single fold and compare.
+        """
         fold_scores: list[float] = []
         fit_times: list[float] = []
         score_times: list[float] = []
-        digest = hashlib.sha256()
+        fingerprints: list[str] = []
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for train, valid in self.splits:
+                for index in range(len(self.splits)) if folds is None else folds:
+                    train, valid = self.splits[index]
+                    digest = hashlib.sha256()
                     score, fit_time, score_time = self._fold(trial, train, valid, digest)
                     if not math.isfinite(score):
                         raise ValueError(f"the score is {score}, not a finite number")
                     fold_scores.append(score)
                     fit_times.append(fit_time)
                     score_times.append(score_time)
+                    fingerprints.append(digest.hexdigest())
         except Exception as exc:  # one bad configuration fails its trial, not the subtask
             message = f"{type(exc).__name__}: {exc}".strip()
             return TrialResult(
@@ -174,7 +181,8 @@ class TrialEvaluator:
             std_score=float(np.std(fold_scores)),
             fit_times=fit_times,
             score_times=score_times,
-            fingerprint=digest.hexdigest(),
+            fold_fingerprints=fingerprints,
+            fingerprint=combined_fingerprint(fingerprints),
         )
 
     def _fold(self, trial: TrialSpec, train: np.ndarray, valid: np.ndarray, digest: Any) -> tuple[float, float, float]:
@@ -195,6 +203,11 @@ class TrialEvaluator:
         t1 = time.perf_counter()
         score = _score_recording(self._scorer, model, X[valid], y[valid], digest)
         return float(score), t1 - t0, time.perf_counter() - t1
+
+
+def combined_fingerprint(fold_fingerprints: list[str]) -> str:
+    """The trial's fingerprint: a hash of its folds' fingerprints, in fold order."""
+    return hashlib.sha256("".join(fold_fingerprints).encode()).hexdigest()
 
 
 def _score_recording(scorer: Any, model: Any, X: np.ndarray, y: np.ndarray, digest: Any) -> float:

@@ -16,9 +16,11 @@ unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
+from statistics import mean, pstdev
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -89,7 +91,10 @@ class TrialResult(_Wire):
     std_score: FiniteFloat | None = None
     fit_times: list[Seconds] = Field(default=[], max_length=100)
     score_times: list[Seconds] = Field(default=[], max_length=100)
-    fingerprint: Digest | None = Field(default=None, description="sha256 of the rounded out-of-fold predictions.")
+    fold_fingerprints: list[Digest] = Field(
+        default=[], max_length=100, description="Per fold, sha256 of the rounded predictions it was scored on."
+    )
+    fingerprint: Digest | None = Field(default=None, description="sha256 of the fold fingerprints, in order.")
     error: Annotated[str, Field(max_length=2000)] | None = None
 
 
@@ -112,7 +117,15 @@ class SubtaskResult(_Wire):
 
 
 class ResultError(Exception):
-    """A result that cannot be accepted as an answer to its subtask, with the reason."""
+    """A result that cannot be accepted as an answer to its subtask, with the reason.
+
+    An honest provider never produces one of these (it writes our schema), so the
+    scheduler treats it as a lie, except :class:`MissingResult`, which a crash explains.
+    """
+
+
+class MissingResult(ResultError):
+    """No result file at all: a fault (crash, kill), not evidence of cheating."""
 
 
 def result_size_limit(subtask: SubtaskDefinition) -> int:
@@ -135,7 +148,7 @@ def read_bounded(path: Path, limit: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise ResultError(f"no {path.name} was written") from None
+        raise MissingResult(f"no {path.name} was written") from None
     except OSError as exc:
         raise ResultError(f"{path.name} cannot be opened safely ({exc.strerror}); links are refused") from None
     with os.fdopen(fd, "rb") as fh:
@@ -172,10 +185,18 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
     folds = subtask_folds(subtask)
     for trial in result.trials:
         if trial.status == "ok":
-            if trial.mean_score is None or len(trial.fold_scores) != folds or len(trial.fit_times) != folds:
-                raise ResultError(f"trial {trial.number} is ok but lacks its {folds} fold scores and times")
+            if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.fold_fingerprints) == folds):
+                raise ResultError(f"trial {trial.number} is ok but lacks its {folds} fold scores, times or fingerprints")
+            if trial.mean_score is None or trial.std_score is None or not _close(trial.mean_score, mean(trial.fold_scores)):
+                raise ResultError(f"trial {trial.number}: mean_score is not the mean of its fold scores")
+            if not _close(trial.std_score, pstdev(trial.fold_scores)):
+                raise ResultError(f"trial {trial.number}: std_score is not the deviation of its fold scores")
         elif not trial.error:
             raise ResultError(f"trial {trial.number} failed without an error message")
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def subtask_folds(subtask: SubtaskDefinition) -> int:

@@ -70,6 +70,11 @@ def check_resources(refs: list[ResourceRef], resources_dir: Path) -> None:
             raise TaskError("resources", f"{ref.name} does not match its sha256; the resources changed")
 
 
+def evaluator_for(problem: Problem, resources_dir: Path) -> TrialEvaluator:
+    """The evaluator of ``problem``, built once per process (dataset, splits, estimator)."""
+    return _evaluator(dumps(problem), resources_dir)
+
+
 @functools.lru_cache(maxsize=2)
 def _evaluator(problem_json: str, resources_dir: Path) -> TrialEvaluator:
     problem = Problem.model_validate_json(problem_json)
@@ -83,7 +88,7 @@ def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> Subtask
 
     started = time.perf_counter()
     check_resources(subtask.problem.resources, resources_dir)
-    evaluator = _evaluator(dumps(subtask.problem), resources_dir)
+    evaluator = evaluator_for(subtask.problem, resources_dir)
     with threadpool_limits(limits=1):
         trials = [evaluator.evaluate(trial) for trial in subtask.trials]
     return SubtaskResult(

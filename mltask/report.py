@@ -35,6 +35,21 @@ def plot_convergence(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
+def verification_lines(v: dict) -> list[str]:
+    """The verification figures, with a loud warning when the best-check was turned off."""
+    lines = [
+        f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked, "
+        f"{v['unverified']} unverified; {v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; "
+        f"re-run overhead {100 * v['overhead']:.1f}% of provider compute",
+    ]
+    if v["banned_providers"]:
+        lines.append("- banned providers: " + "; ".join(f"{p} ({r})" for p, r in v["banned_providers"].items()))
+    if not v["best_check"]:
+        lines.append("- **WARNING: the best configuration was NOT verified (verification.verify_best is false); "
+                     "a provider could have faked it.**")
+    return lines
+
+
 def write_report(output_dir: Path, summary: Summary, notes: list[str]) -> Path:
     """Markdown: what ran, the best configuration, the plot, the top of the leaderboard."""
     counts = summary.counts()
@@ -45,6 +60,7 @@ def write_report(output_dir: Path, summary: Summary, notes: list[str]) -> Path:
         f"- algorithm: {summary.algorithm}; scoring: {summary.scoring} ({summary.direction})",
         f"- trials: {counts['complete']} complete, {counts['failed']} failed, of {counts['planned']} planned",
         *[f"- {note}" for note in notes],
+        *verification_lines(summary.verification),
         "",
     ]
     best = summary.best

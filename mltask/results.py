@@ -36,6 +36,7 @@ class Summary:
     n_trials: int
     status: str
     rows: list[dict[str, Any]]
+    verification: dict[str, Any]
 
     @property
     def complete(self) -> list[dict[str, Any]]:
@@ -67,7 +68,32 @@ def summarize(store: Store, status: str) -> Summary:
         n_trials=int(meta["n_trials"]),
         status=status,
         rows=rows,
+        verification=_verification(store, definition["options"].get("verification") or {}),
     )
+
+
+def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
+    """Verified / unverified / rejected counts, bans and the re-run overhead."""
+    trials = store.trials()
+    settled = [t for t in trials if t.state in ("complete", "failed")]
+    subtasks = {s["subtask_id"]: s for s in store.subtasks()}
+    verdicts = store.verdicts()
+    rejected = {v["subtask_id"] for v in verdicts if not v["ok"]}
+    rerun = sum(v["seconds"] for v in verdicts)
+    compute = sum(s["compute_time"] or 0.0 for s in subtasks.values())
+    return {
+        "verified_full": sum(t.verified == "full" for t in settled),
+        "verified_spot": sum(t.verified == "spot" for t in settled),
+        "unverified": sum(t.verified is None for t in settled),
+        "rejected_trials": sum(len(json.loads(subtasks[s]["trial_numbers"])) for s in rejected if s in subtasks),
+        "rejected_subtasks": len(rejected),
+        "banned_providers": store.bans(),
+        "rerun_seconds": round(rerun, 4),
+        "provider_compute_seconds": round(compute, 4),
+        "overhead": round(rerun / compute, 4) if compute else 0.0,
+        "best_check": options.get("verify_best", True),
+        "sample_rate": options.get("sample_rate", 1.0),
+    }
 
 
 def _row(trial: Any) -> dict[str, Any]:
@@ -116,6 +142,7 @@ def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | No
         "direction": summary.direction,
         "counts": summary.counts(),
         "best": _best_record(summary),
+        "verification": summary.verification,
         **(extra or {}),
         "trials": [{k: v for k, v in r.items() if not k.startswith("param_")} for r in summary.rows],
     }

@@ -15,7 +15,7 @@ from mltask.console import SearchProgress, leaderboard
 from mltask.definition import PipelineSpec, TaskDefinition, load_definition, parse_definition
 from mltask.errors import TaskError
 from mltask.protocol import Problem
-from mltask.report import PLOT_FILE, REPORT_FILE, write_report
+from mltask.report import PLOT_FILE, REPORT_FILE, verification_lines, write_report
 from mltask.results import BEST_JSON, MODEL_FILE, RESULTS_CSV, RESULTS_JSON, Summary, refit_best, summarize, write_results
 from mltask.scheduler import drive
 from mltask.store import Store
@@ -84,6 +84,8 @@ def finish(store: Store, output_dir: Path, console: Console, timing: dict[str, f
     write_report(output_dir, summary, notes)
     if summary.complete:
         console.print(leaderboard(summary))
+    for line in verification_lines(summary.verification):
+        console.print(line.removeprefix("- ").replace("**", ""), highlight=False)
     best = summary.best
     if best is not None:
         console.print(f"best: trial {best['number']} {summary.scoring} = {best['mean_test_score']:.6g} {best['params']}")

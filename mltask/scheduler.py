@@ -1,8 +1,9 @@
-"""The loop that drives a task on a backend: hand out, collect, check, settle.
+"""The loop that drives a task on a backend: hand out, collect, verify, settle.
 
 Generic over backends, like ``BaseSearchCV.fit`` around ``_run_search``: the backend only
-runs subtasks; every decision (what to send, whether a result counts, what to re-send)
-is made here and in the task type, identically for local, docker and golem runs.
+runs subtasks; every decision (what to send, whether a result counts, whom to distrust,
+what to re-send) is made here, in the verifier and in the task type, identically for
+local, docker and golem runs.
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ from collections.abc import Callable
 from typing import Literal
 
 from mltask.backends.base import Backend, Completion
-from mltask.protocol import ResultError, read_result
+from mltask.errors import TaskError
+from mltask.protocol import MissingResult, ResultError, read_result
 from mltask.task import HyperparameterSearchTask, Progress
+from mltask.verifier import Verdict, Verifier
 
 StopReason = Literal["finished", "timeout"]
 _POLL_SECONDS = 0.25
+
+
+def make_verifier(task: HyperparameterSearchTask) -> Verifier:
+    opts = task.definition.options
+    return Verifier(task.problem, task.resources_dir, opts.verification, opts.seed, task.direction)
 
 
 def drive(
@@ -24,38 +32,60 @@ def drive(
     backend: Backend,
     *,
     timeout: float,
+    verifier: Verifier | None = None,
     on_update: Callable[[Progress], None] = lambda progress: None,
 ) -> StopReason:
     """Run ``task`` on ``backend`` until it finishes or ``timeout`` seconds pass."""
+    verifier = verifier or make_verifier(task)
     subtask_timeout = float(task.definition.subtask_timeout_seconds)
     deadline = time.monotonic() + timeout
+    busy = 0
     while not task.finished():
         if time.monotonic() >= deadline:
             task.abort()
             return "timeout"
         for provider in backend.idle_providers():
+            if task.is_banned(provider):
+                continue
             subtask = task.next_subtask(provider)
             if subtask is None:
                 break
             backend.submit(provider, subtask, min(subtask_timeout, max(1.0, deadline - time.monotonic())))
+            busy += 1
+        if busy == 0 and task.has_pending_subtasks():
+            raise TaskError("providers", "every provider was banned for wrong results; nothing can run the rest")
         for completion in backend.wait(_POLL_SECONDS):
-            settle(task, completion)
+            busy -= 1
+            settle(task, completion, verifier)
         on_update(task.progress())
     return "finished"
 
 
-def settle(task: HyperparameterSearchTask, completion: Completion) -> None:
-    """Accept a subtask's result if it is awaited and well-formed; otherwise re-queue it."""
-    subtask_id = completion.subtask.subtask_id
+def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Verifier) -> None:
+    """Accept a subtask's result only if it is awaited, well-formed and survives verification."""
+    subtask_id, provider = completion.subtask.subtask_id, completion.provider
     subtask = task.pending(subtask_id)
     if subtask is None:
         return  # a late answer to a subtask already settled: never counted twice
+    if task.is_banned(provider):
+        task.reject(subtask_id, f"{provider} is banned")
+        return
     if completion.error or completion.output_dir is None:
-        task.reject(subtask_id, f"{completion.provider}: {completion.error or 'no output'}")
+        task.reject(subtask_id, f"{provider}: {completion.error or 'no output'}")
         return
     try:
         result = read_result(completion.output_dir, subtask)
-    except ResultError as exc:
-        task.reject(subtask_id, f"{completion.provider}: {exc}")
+    except MissingResult as exc:
+        task.reject(subtask_id, f"{provider}: {exc}")
         return
-    task.accept(result)
+    except ResultError as exc:  # an honest provider always writes our schema
+        verdict = Verdict(subtask_id, provider, ok=False, kind="structure", reason=str(exc))
+    else:
+        verdict = verifier.check(subtask, result, provider, task.progress().best_value)
+    task.record_verdict(verdict)
+    if verdict.ok:
+        verified = {n: "spot" for n in verdict.spot_verified} | {n: "full" for n in verdict.fully_verified}
+        task.accept(result, verified=verified)
+    else:
+        task.reject(subtask_id, f"{provider}: {verdict.reason}")
+        task.ban(provider, verdict.reason or "wrong result")

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS trials (
     result TEXT,
     subtask_id TEXT,
     provider TEXT,
-    finished_at REAL
+    finished_at REAL,
+    verified TEXT CHECK (verified IN ('full', 'spot'))
 );
 CREATE TABLE IF NOT EXISTS subtasks (
     subtask_id TEXT PRIMARY KEY,
@@ -51,6 +52,18 @@ CREATE TABLE IF NOT EXISTS subtasks (
     created_at REAL NOT NULL,
     finished_at REAL
 );
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY,
+    subtask_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    checked TEXT NOT NULL,
+    reason TEXT,
+    seconds REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bans (provider TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -66,6 +79,7 @@ class TrialRow:
     subtask_id: str | None
     provider: str | None
     finished_at: float | None
+    verified: str | None
 
 
 class Store:
@@ -154,8 +168,13 @@ class Store:
         trials: list[tuple[int, str, float | None, dict[str, Any]]] = (),
         compute_time: float | None = None,
         environment: dict[str, Any] | None = None,
+        verified: dict[int, str] | None = None,
     ) -> None:
-        """Close a subtask and, if it was accepted, its trials: ``(number, state, value, result)``."""
+        """Close a subtask and, if it was accepted, its trials: ``(number, state, value, result)``.
+
+        ``verified`` maps trial numbers to how they were verified ('full' or 'spot').
+        """
+        verified = verified or {}
         now = time.time()
         with self.transaction() as cur:
             cur.execute(
@@ -165,23 +184,63 @@ class Store:
             )
             provider = cur.execute("SELECT provider FROM subtasks WHERE subtask_id = ?", (subtask_id,)).fetchone()
             cur.executemany(
-                "UPDATE trials SET state = ?, value = ?, result = ?, subtask_id = ?, provider = ?, finished_at = ?"
-                " WHERE number = ?",
-                [(s, v, json.dumps(r), subtask_id, provider[0], now, n) for n, s, v, r in trials],
+                "UPDATE trials SET state = ?, value = ?, result = ?, subtask_id = ?, provider = ?, finished_at = ?,"
+                " verified = ? WHERE number = ?",
+                [(s, v, json.dumps(r), subtask_id, provider[0], now, verified.get(n), n) for n, s, v, r in trials],
             )
+
+    def add_verdict(self, subtask_id: str, provider: str, ok: bool, kind: str, checked: list, reason: str | None,
+                    seconds: float) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO verdicts (subtask_id, provider, ok, kind, checked, reason, seconds, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (subtask_id, provider, int(ok), kind, json.dumps(checked), reason, seconds, time.time()),
+            )
+
+    def verdicts(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM verdicts ORDER BY id")
+
+    def ban(self, provider: str, reason: str) -> list[str]:
+        """Ban ``provider`` and reopen everything it had accepted; returns those subtask ids.
+
+        Nothing a cheater reported survives, verified or not: its accepted subtasks become
+        'rejected' and their trials 'running' again, in the same transaction as the ban.
+        """
+        with self.transaction() as cur:
+            cur.execute("INSERT OR IGNORE INTO bans VALUES (?, ?, ?)", (provider, reason, time.time()))
+            reopened = [r[0] for r in cur.execute(
+                "SELECT subtask_id FROM subtasks WHERE provider = ? AND state = 'accepted'", (provider,)
+            )]
+            cur.executemany(
+                "UPDATE subtasks SET state = 'rejected', reason = ? WHERE subtask_id = ?",
+                [(f"provider banned: {reason}", sid) for sid in reopened],
+            )
+            cur.executemany(
+                "UPDATE trials SET state = 'running', value = NULL, result = NULL, subtask_id = NULL,"
+                " provider = NULL, finished_at = NULL, verified = NULL WHERE subtask_id = ?",
+                [(sid,) for sid in reopened],
+            )
+        return reopened
+
+    def bans(self) -> dict[str, str]:
+        return dict(self._conn.execute("SELECT provider, reason FROM bans"))
 
     def trials(self) -> list[TrialRow]:
         rows = self._conn.execute(
-            "SELECT number, params, seed, system_attrs, state, value, result, subtask_id, provider, finished_at"
-            " FROM trials ORDER BY number"
+            "SELECT number, params, seed, system_attrs, state, value, result, subtask_id, provider, finished_at,"
+            " verified FROM trials ORDER BY number"
         )
         return [
-            TrialRow(n, json.loads(p), s, json.loads(a), st, v, json.loads(r) if r else None, sid, prov, fin)
-            for n, p, s, a, st, v, r, sid, prov, fin in rows
+            TrialRow(n, json.loads(p), s, json.loads(a), st, v, json.loads(r) if r else None, sid, prov, fin, ver)
+            for n, p, s, a, st, v, r, sid, prov, fin, ver in rows
         ]
 
     def subtasks(self) -> list[dict[str, Any]]:
-        cur = self._conn.execute("SELECT * FROM subtasks ORDER BY seq, created_at")
+        return self._dicts("SELECT * FROM subtasks ORDER BY seq, created_at")
+
+    def _dicts(self, query: str) -> list[dict[str, Any]]:
+        cur = self._conn.execute(query)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur]
 

@@ -94,6 +94,7 @@ class HyperparameterSearchTask:
         self._batches = 0  # fresh batches asked so far (requeued ones are not fresh)
         self._sent = 0  # subtasks sent, requeued included; numbers subtask ids
         self._aborted = False
+        self._banned: set[str] = set()
         self._progress = Progress(total=n_trials)
 
     # -- creation -------------------------------------------------------------------------
@@ -173,8 +174,11 @@ class HyperparameterSearchTask:
 
     # -- taking results back --------------------------------------------------------------
 
-    def accept(self, result: SubtaskResult) -> bool:
-        """Record a checked result and tell the sampler; ``False`` if it was not awaited."""
+    def accept(self, result: SubtaskResult, verified: dict[int, str] | None = None) -> bool:
+        """Record a checked result and tell the sampler; ``False`` if it was not awaited.
+
+        ``verified`` says which trials the verifier re-ran ('full' or 'spot').
+        """
         entry = self._pending.pop(result.subtask_id, None)
         if entry is None:
             return False
@@ -184,7 +188,7 @@ class HyperparameterSearchTask:
         ]
         self.store.settle_subtask(
             result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
-            environment=result.environment.model_dump(),
+            environment=result.environment.model_dump(), verified=verified,
         )
         for t in result.trials:
             self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
@@ -221,13 +225,63 @@ class HyperparameterSearchTask:
             if self._pending.pop(subtask_id, None) is not None:
                 self.store.settle_subtask(subtask_id, "discarded", reason="task stopped")
 
+    def ban(self, provider: str, reason: str) -> None:
+        """Stop trusting ``provider``: nothing it reported stays in the study.
+
+        Its accepted subtasks are reopened in the store and their trials re-queued with the
+        same parameters and seeds; the in-memory study is rebuilt from the store (Optuna
+        cannot un-tell a trial), keeping the sampler and its random state.
+        """
+        reopened = set(self.store.ban(provider, reason))
+        self._banned.add(provider)
+        if not reopened:
+            return
+        rows = self.store.trials()
+        by_subtask: dict[str, list[TrialSpec]] = {}
+        for sub in self.store.subtasks():
+            if sub["subtask_id"] in reopened:
+                numbers = json.loads(sub["trial_numbers"])
+                by_subtask[sub["subtask_id"]] = [TrialSpec(number=n, params=rows[n].params, seed=rows[n].seed)
+                                                 for n in numbers]
+        self._requeued.extend((trials, 1) for trials in by_subtask.values())
+        self._rebuild_study(rows)
+
+    def is_banned(self, provider: str) -> bool:
+        return provider in self._banned
+
+    def record_verdict(self, verdict: Any) -> None:
+        self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
+                               verdict.reason, verdict.seconds)
+
+    def _rebuild_study(self, rows: list[Any]) -> None:
+        space = self.definition.options.search_space
+        distributions = space.distributions()
+        study = optuna.create_study(direction=self.direction, sampler=self.study.sampler)
+        progress = Progress(total=self.n_trials, started_at=self._progress.started_at)
+        self.study, self._progress = study, progress
+        for row in rows:
+            sampled = {k: v for k, v in row.params.items() if k in distributions}
+            state = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL}.get(row.state, TrialState.RUNNING)
+            study.add_trial(optuna.trial.create_trial(
+                state=state, value=row.value if state == TrialState.COMPLETE else None, params=sampled,
+                distributions={k: distributions[k] for k in sampled}, system_attrs=row.system_attrs,
+            ))
+            if state != TrialState.RUNNING:
+                self._count(row.number, row.value if state == TrialState.COMPLETE else None, row.params)
+        self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
+
     def _tell(self, number: int, value: float | None, params: dict[str, Any]) -> None:
-        p = self._progress
         if value is None:
             self.study.tell(number, state=TrialState.FAIL)
+        else:
+            self.study.tell(number, value)
+        self._count(number, value, params)
+
+    def _count(self, number: int, value: float | None, params: dict[str, Any]) -> None:
+        p = self._progress
+        if value is None:
             p.failed += 1
             return
-        self.study.tell(number, value)
         p.done += 1
         better = p.best_value is None or (value > p.best_value if self.direction == "maximize" else value < p.best_value)
         if better:
