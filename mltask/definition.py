@@ -79,13 +79,17 @@ class ScriptSpec(_Strict):
 
     file: str = Field(description="File name of the script, listed in `resources`.")
     function: str = Field(default="fit_and_score", description="Name of the function to call.")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Literal["maximize", "minimize"] = Field(
+        default="maximize", description="Whether the script's score is better higher or lower."
+    )
 
 
 class DatasetSpec(_Strict):
     """Exactly one of ``builtin``, ``csv`` (with ``target``) or ``npz`` (arrays X and y)."""
 
-    builtin: Literal["iris", "wine", "digits", "breast_cancer", "diabetes"] | None = None
+    builtin: Literal["iris", "wine", "digits", "breast_cancer", "diabetes"] | None = Field(
+        default=None, description="A scikit-learn toy dataset, loaded on the provider."
+    )
     csv: str | None = Field(default=None, description="CSV file name, listed in `resources`.")
     target: str | None = Field(default=None, description="Target column of the CSV file.")
     npz: str | None = Field(default=None, description="NPZ file name with arrays X and y, listed in `resources`.")
@@ -112,9 +116,9 @@ class CVSpec(_Strict):
     kind: Literal["auto", "kfold", "stratified", "holdout"] = Field(
         default="auto", description="auto: stratified for classifiers, kfold otherwise (as scikit-learn's check_cv)."
     )
-    folds: int = Field(default=5, ge=2, le=100)
+    folds: int = Field(default=5, ge=2, le=100, description="Number of folds (kfold, stratified).")
     test_size: float = Field(default=0.25, gt=0, lt=1, description="Validation fraction for holdout.")
-    shuffle: bool = True
+    shuffle: bool = Field(default=True, description="Shuffle before splitting.")
     seed: int | None = Field(default=None, description="Seed of the splits; default: the task seed.")
 
 
@@ -144,21 +148,27 @@ class SearchOptions(_Strict):
     estimator: EstimatorSpec | None = Field(
         default=None, description="Import path of a scikit-learn estimator, or a pipeline of steps."
     )
-    script: ScriptSpec | None = None
-    dataset: DatasetSpec
-    search_space: SearchSpace
+    script: ScriptSpec | None = Field(default=None, description="A training script instead of an estimator.")
+    dataset: DatasetSpec = Field(description="The data to train and validate on.")
+    search_space: SearchSpace = Field(
+        description="name -> parameter (int, float, categorical, fixed); a list is categorical, a scalar fixed."
+    )
     scoring: str | None = Field(
         default=None, description="scikit-learn scorer name; default accuracy (classifiers) or r2 (regressors)."
     )
-    cv: CVSpec = CVSpec()
-    algorithm: Literal["grid", "random", "qmc", "tpe", "cmaes"] = "tpe"
+    cv: CVSpec = Field(default=CVSpec(), description="Cross-validation; see options.cv.")
+    algorithm: Literal["grid", "random", "qmc", "tpe", "cmaes"] = Field(
+        default="tpe", description="Optuna sampler: grid, random, qmc (scrambled Sobol), tpe, cmaes (needs cmaes)."
+    )
     n_trials: int | None = Field(default=None, ge=1, le=1_000_000, description="Default 20; grid: the grid size.")
-    seed: int = Field(default=0, ge=0, lt=2**32)
+    seed: int = Field(default=0, ge=0, lt=2**32, description="Seeds the sampler, the CV splits and every trial.")
     output_path: str | None = Field(default=None, description="Results directory; default mltask-results/<name>.")
     allowed_modules: list[str] = Field(
         default=["sklearn."], description="Import-path prefixes providers may import estimators from."
     )
-    verification: VerificationOptions = VerificationOptions()
+    verification: VerificationOptions = Field(
+        default=VerificationOptions(), description="Checks of provider results; see options.verification."
+    )
 
     @model_validator(mode="after")
     def _one_model(self) -> "SearchOptions":
@@ -173,7 +183,10 @@ class TaskDefinition(_Strict):
     """The golemcli-style envelope: ``golemcli tasks create task.json`` with our type."""
 
     type: str = Field(default=TASK_TYPE_ID, description=f"{TASK_TYPE_ID!r} (or {TASK_TYPE_NAME!r}).")
-    name: str = Field(default="mltask", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\- ]+$")
+    name: str = Field(
+        default="mltask", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\- ]+$",
+        description="Task name; names the default output dir.",
+    )
     timeout: Duration = Field(default="01:00:00", description="Whole task, HH:MM:SS.")
     subtask_timeout: Duration = Field(default="00:10:00", description="One subtask, HH:MM:SS.")
     subtasks_count: int | None = Field(
@@ -181,7 +194,7 @@ class TaskDefinition(_Strict):
     )
     bid: float = Field(default=1.0, ge=0, description="Highest price per hour accepted on Golem.")
     resources: list[str] = Field(default=[], description="Files sent to providers, relative to the task file.")
-    options: SearchOptions
+    options: SearchOptions = Field(description="The search; see the tables below.")
 
     @field_validator("type")
     @classmethod

@@ -6,7 +6,9 @@ one entry whose options schema is generated from the pydantic models, so it cann
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mltask.definition import TASK_TYPE_ID, TASK_TYPE_NAME, TaskDefinition, template
@@ -27,6 +29,54 @@ class TaskTypeInfo:
         return template()
 
 
+_REFERENCE_SECTIONS = (
+    ("Task (top level)", "TaskDefinition"),
+    ("options", "SearchOptions"),
+    ("options.dataset", "DatasetSpec"),
+    ("options.cv", "CVSpec"),
+    ("options.script", "ScriptSpec"),
+    ("options.verification", "VerificationOptions"),
+    ("search space: int", "IntParam"),
+    ("search space: float", "FloatParam"),
+    ("search space: categorical", "CategoricalParam"),
+    ("search space: fixed", "FixedParam"),
+)
+
+
+def reference_markdown() -> str:
+    """The task JSON reference in the README, generated from the schema so it cannot drift."""
+    schema = TaskDefinition.model_json_schema()
+    defs = schema.pop("$defs")
+    defs["TaskDefinition"] = schema
+    out = []
+    for title, name in _REFERENCE_SECTIONS:
+        out += [f"**{title}**", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for field, spec in defs[name]["properties"].items():
+            default = "required" if "default" not in spec else json.dumps(spec["default"])
+            if isinstance(spec.get("default"), dict):
+                default = "see below"
+            text = spec.get("description", "").replace("|", "\\|")
+            out.append(f"| `{field}` | {_type(spec)} | `{default}` | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type(spec: dict[str, Any]) -> str:
+    if "anyOf" in spec:
+        return " or ".join(dict.fromkeys(_type(s) for s in spec["anyOf"]))
+    if "const" in spec:
+        return json.dumps(spec["const"])
+    if "enum" in spec:
+        return " / ".join(json.dumps(v) for v in spec["enum"])
+    if "$ref" in spec:
+        return spec["$ref"].rsplit("/", 1)[-1]
+    if spec.get("type") == "array":
+        return f"list of {_type(spec.get('items', {}))}" if spec.get("items") else "list"
+    if spec.get("type") == "object":
+        return "object"
+    return spec.get("type", "any")
+
+
 TASK_TYPES = {
     TASK_TYPE_ID: TaskTypeInfo(
         id=TASK_TYPE_ID,
@@ -35,3 +85,18 @@ TASK_TYPES = {
         "grid, random, QMC, TPE or CMA-ES, with verified results.",
     )
 }
+
+
+def write_readme_reference(readme: Path) -> None:
+    """Replace the generated block between the README's reference markers."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + reference_markdown() + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m mltask.registry --write-readme
+    import sys
+
+    if sys.argv[1:] == ["--write-readme"]:
+        write_readme_reference(Path(__file__).resolve().parent.parent / "README.md")

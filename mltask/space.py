@@ -57,10 +57,10 @@ class IntParam(_Param):
     """An integer in ``[low, high]``, optionally on a log scale or with a step."""
 
     type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(default=1, ge=1)
-    log: bool = False
+    low: int = Field(description="Smallest value (inclusive).")
+    high: int = Field(description="Largest value (inclusive).")
+    step: int = Field(default=1, ge=1, description="Spacing of values; grid search uses every step.")
+    log: bool = Field(default=False, description="Sample on a log scale (low must be > 0).")
 
     @model_validator(mode="after")
     def _check_range(self) -> "IntParam":
@@ -83,10 +83,10 @@ class FloatParam(_Param):
     """A float in ``[low, high]``, optionally on a log scale or quantised by ``step``."""
 
     type: Literal["float"]
-    low: float
-    high: float
-    step: float | None = Field(default=None, gt=0)
-    log: bool = False
+    low: float = Field(description="Smallest value (inclusive).")
+    high: float = Field(description="Largest value (inclusive).")
+    step: float | None = Field(default=None, gt=0, description="Quantise to this step; needed for grid search.")
+    log: bool = Field(default=False, description="Sample on a log scale (low must be > 0).")
 
     @model_validator(mode="after")
     def _check_range(self) -> "FloatParam":
@@ -113,7 +113,7 @@ class CategoricalParam(_Param):
     """One of ``choices`` (strings, numbers, booleans or null)."""
 
     type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1)
+    choices: list[Scalar] = Field(min_length=1, description="Values: strings, numbers, booleans or null.")
 
     @model_validator(mode="after")
     def _unique(self) -> "CategoricalParam":
@@ -135,7 +135,7 @@ class FixedParam(_Param):
     """A value every configuration gets, e.g. ``random_state`` or ``max_iter``."""
 
     type: Literal["fixed"]
-    value: Scalar
+    value: Scalar = Field(description="The value every configuration gets.")
 
     def distribution(self) -> None:
         return None
