@@ -2,6 +2,8 @@
 
     mltask types
     mltask tasks create TASK.json [--backend local] [--workers N] [--output DIR] [--force]
+    mltask tasks resume DIR [--task TASK.json]
+    mltask tasks abort DIR
     mltask tasks show DIR
     mltask tasks template
     mltask tasks schema
@@ -32,16 +34,26 @@ def _parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="create and inspect tasks").add_subparsers(dest="action", required=True)
     create = tasks.add_parser("create", help="run a search described by a task JSON file")
     create.add_argument("task", type=Path, help="task JSON file")
-    create.add_argument("--backend", default="local", choices=BACKENDS, help="where subtasks run (default: local)")
-    create.add_argument("--workers", type=_positive, default=None, help="providers at once (default: CPU count)")
     create.add_argument("--output", type=Path, default=None, help="results dir (default: options.output_path)")
     create.add_argument("--force", action="store_true", help="replace a previous task in the output dir")
-    create.add_argument("--quiet", action="store_true", help="no progress bar or leaderboard")
+    _run_options(create)
+    resume = tasks.add_parser("resume", help="carry on a stopped, crashed or aborted task")
+    resume.add_argument("dir", type=Path, help="the task's output dir")
+    resume.add_argument("--task", type=Path, default=None, help="updated task JSON (timeouts, bid, more trials)")
+    _run_options(resume)
+    abort = tasks.add_parser("abort", help="stop a running task; it can be resumed later")
+    abort.add_argument("dir", type=Path)
     show = tasks.add_parser("show", help="print the leaderboard of a task's output dir")
     show.add_argument("dir", type=Path)
     tasks.add_parser("template", help="print a minimal valid task JSON")
     tasks.add_parser("schema", help="print the JSON Schema of a task")
     return parser
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="local", choices=BACKENDS, help="where subtasks run (default: local)")
+    parser.add_argument("--workers", type=_positive, default=None, help="providers at once (default: CPU count)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or leaderboard")
 
 
 def _positive(text: str) -> int:
@@ -76,19 +88,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{counts['failed']} failed of {counts['planned']}"
             )
             out.print(leaderboard(summary))
-        else:
-            from mltask.runner import run_task
+        elif args.action == "abort":
+            from mltask.runner import abort_task
 
-            result = run_task(
-                args.task, backend=args.backend, workers=args.workers, output=args.output, force=args.force,
-                quiet=args.quiet,
-            )
+            abort_task(args.dir)
+            out.print(f"abort requested; resume with: mltask tasks resume {args.dir}", highlight=False)
+        else:
+            from mltask.runner import resume_task, run_task
+
+            if args.action == "resume":
+                result = resume_task(
+                    args.dir, task=args.task, backend=args.backend, workers=args.workers, quiet=args.quiet
+                )
+            else:
+                result = run_task(
+                    args.task, backend=args.backend, workers=args.workers, output=args.output, force=args.force,
+                    quiet=args.quiet,
+                )
             return 0 if result.summary.status == "finished" else 1
     except TaskError as exc:
         print(f"mltask: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("mltask: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C while cleaning up: state is safe (transactions)
+        print("mltask: stopped at once; the task state is intact - `mltask tasks resume DIR` carries on",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -166,6 +166,12 @@ class SearchOptions(_Strict):
     allowed_modules: list[str] = Field(
         default=["sklearn."], description="Import-path prefixes providers may import estimators from."
     )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Sends of a subtask before its trials count as failed (crash, timeout)."
+    )
+    max_provider_failures: int = Field(
+        default=3, ge=1, le=1000, description="Failures in a row after which a provider is dropped."
+    )
     verification: VerificationOptions = Field(
         default=VerificationOptions(), description="Checks of provider results; see options.verification."
     )

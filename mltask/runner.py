@@ -54,21 +54,69 @@ def run_task(
     if force:
         _clear(output_dir)
     search = HyperparameterSearchTask.create(definition, base_dir, output_dir)
+    return _execute(search, backend, workers, quiet, console)
+
+
+def resume_task(
+    output_dir: str | Path,
+    *,
+    task: str | Path | dict[str, Any] | TaskDefinition | None = None,
+    backend: str = "local",
+    workers: int | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Carry on a stopped, crashed or aborted task from its state file.
+
+    ``task`` optionally gives an updated definition; only the changes
+    :func:`mltask.task.compatible_update` allows are accepted.
+    """
+    console = console or Console(stderr=True, quiet=quiet)
+    update = _definition(task)[0] if task is not None else None
+    search = HyperparameterSearchTask.load(Path(output_dir), update=update)
+    progress = search.progress()
+    console.print(f"resuming {search.definition.name}: {progress.done + progress.failed} of {search.n_trials} trials done")
+    return _execute(search, backend, workers, quiet, console)
+
+
+def abort_task(output_dir: str | Path) -> None:
+    """Ask a running task to stop (it checks every second); a stopped task is marked aborted."""
+    store = Store.open(Path(output_dir) / STATE_FILE)
+    try:
+        store.set_meta("abort_requested", "1")
+        if store.meta_value("status") in (None, "running"):
+            store.set_meta("status", "aborted")
+    finally:
+        store.close()
+
+
+def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None, quiet: bool,
+             console: Console) -> RunResult:
+    """Drive ``search`` on a backend, then write results for whatever finished.
+
+    Ctrl-C stops the workers and keeps the state (every store write is a transaction, so a
+    second Ctrl-C while cleaning up cannot corrupt it); the task can be resumed.
+    """
+    output_dir = search.output_dir
+    search.store.set_meta("status", "running")
     started = time.monotonic()
     status = "finished"
     with make_backend(backend, workers, preload=_modules(search.problem)) as runner:
         runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
-        with SearchProgress(console, search.n_trials, definition.name, enabled=not quiet) as bar:
+        with SearchProgress(console, search.n_trials, search.definition.name, enabled=not quiet) as bar:
+            bar.update(search.progress(), force=True)
             try:
-                status = drive(search, runner, timeout=definition.timeout_seconds, on_update=bar.update)
+                status = drive(search, runner, timeout=search.definition.timeout_seconds, on_update=bar.update)
             except KeyboardInterrupt:
-                search.abort()
                 status = "interrupted"
             bar.update(search.progress(), force=True)
     search_seconds = time.monotonic() - started
     shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
     search.store.set_meta("status", status)
-    return finish(search.store, output_dir, console, timing={"search_seconds": round(search_seconds, 3)})
+    result = finish(search.store, output_dir, console, timing={"search_seconds": round(search_seconds, 3)})
+    if status != "finished":
+        console.print(f"{status}; to carry on: mltask tasks resume {output_dir}", highlight=False)
+    return result
 
 
 def finish(store: Store, output_dir: Path, console: Console, timing: dict[str, float]) -> RunResult:
@@ -125,4 +173,4 @@ def _modules(problem: Problem) -> tuple[str, ...]:
     return tuple(sorted({p.rpartition(".")[0] for p in paths if any(p.startswith(a) for a in problem.allowed_modules)}))
 
 
-__all__ = ["RunResult", "TaskError", "run_task", "show"]
+__all__ = ["RunResult", "TaskError", "abort_task", "resume_task", "run_task", "show"]

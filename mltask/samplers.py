@@ -8,9 +8,11 @@ and QMC is told the search space up front (see :class:`_KnownSpaceQMCSampler`).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
@@ -37,6 +39,27 @@ class _KnownSpaceQMCSampler(optuna.samplers.QMCSampler):
         return self._known_space
 
 
+class _ReproducibleRandomSampler(optuna.samplers.RandomSampler):
+    """Random search whose trial *n* is the same whatever happened before it.
+
+    Optuna's RandomSampler draws from one generator, so after a resume (a fresh sampler)
+    trial 0's values would come again. Seeding each draw from (seed, trial number,
+    parameter) makes trial *n* identical in an interrupted and an undisturbed run.
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed=seed)
+        self._base_seed = seed
+
+    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        key = int.from_bytes(hashlib.sha256(param_name.encode()).digest()[:4], "little")
+        seed = np.random.SeedSequence([self._base_seed, trial.number, key]).generate_state(1)[0]
+        return optuna.samplers.RandomSampler(seed=int(seed)).sample_independent(
+            study, trial, param_name, param_distribution
+        )
+
+
 def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
     """The Optuna sampler for ``algorithm``; raises :class:`TaskError` if it cannot serve ``space``."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -46,7 +69,7 @@ def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
         except ValueError as exc:
             raise TaskError("options.search_space", str(exc)) from None
     if algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return _ReproducibleRandomSampler(seed)
     if algorithm == "qmc":
         if space.is_conditional:
             raise TaskError("options.algorithm", "qmc needs a space without `when` conditions; use tpe or random")

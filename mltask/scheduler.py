@@ -18,13 +18,17 @@ from mltask.protocol import MissingResult, ResultError, read_result
 from mltask.task import HyperparameterSearchTask, Progress
 from mltask.verifier import Verdict, Verifier
 
-StopReason = Literal["finished", "timeout"]
+StopReason = Literal["finished", "timeout", "aborted"]
 _POLL_SECONDS = 0.25
+_ABORT_CHECK_SECONDS = 1.0
 
 
 def make_verifier(task: HyperparameterSearchTask) -> Verifier:
+    """The task's verifier; after a resume it remembers which providers it has seen."""
     opts = task.definition.options
-    return Verifier(task.problem, task.resources_dir, opts.verification, opts.seed, task.direction)
+    verifier = Verifier(task.problem, task.resources_dir, opts.verification, opts.seed, task.direction)
+    verifier.seen_providers.update(s["provider"] for s in task.store.subtasks() if s["state"] == "accepted")
+    return verifier
 
 
 def drive(
@@ -39,11 +43,18 @@ def drive(
     verifier = verifier or make_verifier(task)
     subtask_timeout = float(task.definition.subtask_timeout_seconds)
     deadline = time.monotonic() + timeout
+    next_abort_check = 0.0
     busy = 0
     while not task.finished():
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             task.abort()
             return "timeout"
+        if now >= next_abort_check:
+            next_abort_check = now + _ABORT_CHECK_SECONDS
+            if task.abort_requested():
+                task.abort()
+                return "aborted"
         for provider in backend.idle_providers():
             if task.is_banned(provider):
                 continue
@@ -53,7 +64,10 @@ def drive(
             backend.submit(provider, subtask, min(subtask_timeout, max(1.0, deadline - time.monotonic())))
             busy += 1
         if busy == 0 and task.has_pending_subtasks():
-            raise TaskError("providers", "every provider was banned for wrong results; nothing can run the rest")
+            raise TaskError(
+                "providers", "every provider was banned or dropped (see results.json); nothing can run the rest - "
+                "fix the cause and run `mltask tasks resume`"
+            )
         for completion in backend.wait(_POLL_SECONDS):
             busy -= 1
             settle(task, completion, verifier)
@@ -71,12 +85,12 @@ def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Ver
         task.reject(subtask_id, f"{provider} is banned")
         return
     if completion.error or completion.output_dir is None:
-        task.reject(subtask_id, f"{provider}: {completion.error or 'no output'}")
+        task.reject(subtask_id, f"{provider}: {completion.error or 'no output'}", fault=True)
         return
     try:
         result = read_result(completion.output_dir, subtask)
     except MissingResult as exc:
-        task.reject(subtask_id, f"{provider}: {exc}")
+        task.reject(subtask_id, f"{provider}: {exc}", fault=True)
         return
     except ResultError as exc:  # an honest provider always writes our schema
         verdict = Verdict(subtask_id, provider, ok=False, kind="structure", reason=str(exc))

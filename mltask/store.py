@@ -24,6 +24,7 @@ from typing import Any
 from mltask.errors import TaskError
 
 SCHEMA_VERSION = 1
+_TABLES = ("meta", "trials", "subtasks", "verdicts", "bans")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -107,9 +108,17 @@ class Store:
             raise TaskError(str(path.parent), "not a task output dir (no state.db); check the path")
         try:
             conn = _connect(path)
+            check = conn.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(check[0] if check else "integrity check failed")
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            for table in _TABLES:  # a file that is SQLite but not ours fails here
+                conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise TaskError(str(path), f"the task state is unreadable ({exc}); it is corrupt or not a task") from None
+            raise TaskError(
+                str(path), f"the task state is unreadable ({exc}); it is corrupt, truncated or not a task - "
+                "nothing was changed; restore it from a backup or start a new task"
+            ) from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
             raise TaskError(str(path), "the task state has an unknown schema version; use the mltask that created it")
         return cls(conn, path)
@@ -132,6 +141,10 @@ class Store:
 
     def meta(self) -> dict[str, str]:
         return dict(self._conn.execute("SELECT key, value FROM meta"))
+
+    def meta_value(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as cur:
@@ -201,8 +214,8 @@ class Store:
     def verdicts(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM verdicts ORDER BY id")
 
-    def ban(self, provider: str, reason: str) -> list[str]:
-        """Ban ``provider`` and reopen everything it had accepted; returns those subtask ids.
+    def ban(self, provider: str, reason: str, *, reopen: bool) -> list[str]:
+        """Ban ``provider``; with ``reopen``, reopen all it had accepted and return those subtask ids.
 
         Nothing a cheater reported survives, verified or not: its accepted subtasks become
         'rejected' and their trials 'running' again, in the same transaction as the ban.
@@ -211,7 +224,7 @@ class Store:
             cur.execute("INSERT OR IGNORE INTO bans VALUES (?, ?, ?)", (provider, reason, time.time()))
             reopened = [r[0] for r in cur.execute(
                 "SELECT subtask_id FROM subtasks WHERE provider = ? AND state = 'accepted'", (provider,)
-            )]
+            )] if reopen else []
             cur.executemany(
                 "UPDATE subtasks SET state = 'rejected', reason = ? WHERE subtask_id = ?",
                 [(f"provider banned: {reason}", sid) for sid in reopened],

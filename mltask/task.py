@@ -11,6 +11,7 @@ backend, the verifier and the tests drive it the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -24,22 +25,26 @@ import optuna
 from optuna.trial import TrialState
 
 from mltask.definition import TaskDefinition
+from mltask.errors import TaskError
 from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialSpec, dumps
 from mltask.resolution import resolve
 from mltask.samplers import make_sampler
-from mltask.store import Store
+from mltask.store import Store, TrialRow
 
 STATE_FILE = "state.db"
 RESOURCES_DIR = "resources"
-MAX_ATTEMPTS = 3
-"""A batch is sent at most this often; then its trials are recorded as failed with the reason."""
-
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def trial_seed(task_seed: int, number: int) -> int:
-    """A well-mixed 32-bit seed per trial, reproducible from the task seed alone."""
-    return int(np.random.SeedSequence([task_seed, number]).generate_state(1)[0])
+def trial_seed(task_seed: int, params: dict[str, Any]) -> int:
+    """A well-mixed 32-bit seed per configuration, reproducible from the task seed alone.
+
+    Derived from the configuration rather than the trial number, so a configuration scores
+    the same whichever trial it lands on: grid points are handed out in a different order
+    after a resume, and TPE may propose a point twice.
+    """
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).digest()
+    return int(np.random.SeedSequence([task_seed, int.from_bytes(digest[:8], "little")]).generate_state(1)[0])
 
 
 @dataclass
@@ -62,6 +67,15 @@ class _Pending:
     provider: str
     attempt: int
     sent_at: float
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Trials waiting to be sent again, and the providers that already failed them."""
+
+    trials: list[TrialSpec]
+    attempt: int
+    avoid: frozenset[str] = frozenset()
 
 
 class HyperparameterSearchTask:
@@ -89,13 +103,16 @@ class HyperparameterSearchTask:
         opts = definition.options
         self.study = optuna.create_study(direction=direction, sampler=make_sampler(opts.algorithm, opts.search_space, opts.seed))
         self._pending: dict[str, _Pending] = {}
-        self._requeued: deque[tuple[list[TrialSpec], int]] = deque()
+        self._requeued: deque[_Batch] = deque()
         self._asked = 0  # Optuna trials asked so far
         self._batches = 0  # fresh batches asked so far (requeued ones are not fresh)
         self._sent = 0  # subtasks sent, requeued included; numbers subtask ids
         self._aborted = False
         self._banned: set[str] = set()
+        self._faults: dict[str, int] = {}  # consecutive failures per provider
         self._progress = Progress(total=n_trials)
+        self.max_attempts = opts.max_attempts
+        self.max_provider_failures = opts.max_provider_failures
 
     # -- creation -------------------------------------------------------------------------
 
@@ -120,6 +137,52 @@ class HyperparameterSearchTask:
             resolved.direction, output_dir,
         )
 
+    @classmethod
+    def load(cls, output_dir: Path, update: TaskDefinition | None = None) -> "HyperparameterSearchTask":
+        """Reopen a task from its state file after a stop, a crash or ``kill -9``.
+
+        Subtasks that were in flight are closed as discarded and their trials re-queued
+        with the same parameters and seeds; accepted results, verdicts and bans stand. The
+        study is rebuilt from the store. ``update`` may change only what
+        :func:`compatible_update` allows.
+        """
+        store = Store.open(output_dir / STATE_FILE)
+        meta = store.meta()
+        definition = TaskDefinition.model_validate_json(meta["definition"])
+        problem = Problem.model_validate_json(meta["problem"])
+        n_trials = int(meta["n_trials"])
+        if update is not None:
+            definition, n_trials = compatible_update(definition, update, n_trials)
+            store.set_meta("definition", definition.model_dump_json())
+            store.set_meta("n_trials", str(n_trials))
+        from mltask.provider import check_resources
+
+        try:
+            check_resources(problem.resources, output_dir / RESOURCES_DIR)
+        except TaskError as exc:
+            raise TaskError(
+                "resources", f"{exc.message} since the task was created; restore the file or start a new task"
+            ) from None
+        task = cls(definition, problem, store, meta["task_id"], n_trials, int(meta["subtasks_count"]),
+                   meta["direction"], output_dir)
+        subtasks = store.subtasks()
+        for sub in subtasks:
+            if sub["state"] == "pending":
+                store.settle_subtask(sub["subtask_id"], "discarded", reason="the requestor stopped before the answer")
+        rows = store.trials()
+        task._banned = set(store.bans())
+        task._asked = len(rows)
+        task._sent = max((sub["seq"] for sub in subtasks), default=0)
+        first_batch = {}
+        for sub in subtasks:
+            for n in json.loads(sub["trial_numbers"]):
+                first_batch.setdefault(n, sub["subtask_id"])
+        task._batches = len(set(first_batch.values()))
+        task._rebuild_study(rows)
+        task._requeue_unsettled(rows, exclude=set())
+        store.set_meta("abort_requested", "")
+        return task
+
     @property
     def resources_dir(self) -> Path:
         return self.output_dir / RESOURCES_DIR
@@ -135,14 +198,15 @@ class HyperparameterSearchTask:
         if not self.has_pending_subtasks():
             return None
         new_rows: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
-        if self._requeued:
-            trials, attempt = self._requeued.popleft()
+        batch = self._take_requeued(provider_id)
+        if batch is not None:
+            trials, attempt = batch.trials, batch.attempt
         else:
             trials, attempt = [], 1
             for _ in range(self._next_batch_size()):
                 trial = self.study.ask()
                 params = self.definition.options.search_space.sample(trial)
-                spec = TrialSpec(number=trial.number, params=params, seed=trial_seed(self.definition.options.seed, trial.number))
+                spec = TrialSpec(number=trial.number, params=params, seed=trial_seed(self.definition.options.seed, params))
                 trials.append(spec)
                 new_rows.append((spec.number, spec.params, spec.seed, self._system_attrs()))
                 self._asked += 1
@@ -153,8 +217,22 @@ class HyperparameterSearchTask:
         )
         self.store.add_subtask(subtask.subtask_id, self._sent, provider_id, attempt, [t.number for t in trials], new_rows)
         self._pending[subtask.subtask_id] = _Pending(subtask, provider_id, attempt, time.time())
-        self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
+        self._update_running()
         return subtask
+
+    def _take_requeued(self, provider: str) -> _Batch | None:
+        """A re-queued batch this provider has not failed; else fresh work; else any batch.
+
+        "On another provider where there is one": a batch goes back to a provider that
+        failed it only when no fresh trials are left to give that provider instead.
+        """
+        for batch in self._requeued:
+            if provider not in batch.avoid:
+                self._requeued.remove(batch)
+                return batch
+        if self._requeued and self._asked >= self.n_trials:
+            return self._requeued.popleft()
+        return None
 
     def _next_batch_size(self) -> int:
         # Split n trials into subtasks_count batches whose sizes differ by at most one.
@@ -192,32 +270,44 @@ class HyperparameterSearchTask:
         )
         for t in result.trials:
             self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
-        self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
+        self._faults[entry.provider] = 0
+        self._update_running()
         return True
 
-    def reject(self, subtask_id: str, reason: str) -> None:
-        """Drop a subtask's answer (fault, timeout, bad result) and send its trials again.
+    def reject(self, subtask_id: str, reason: str, *, fault: bool = False) -> None:
+        """Drop a subtask's answer and send its trials again, to another provider if possible.
 
-        After :data:`MAX_ATTEMPTS` sends the trials are recorded as failed with ``reason``:
-        a configuration that kills every worker must not be retried forever.
+        ``fault`` marks a crash, kill, timeout or missing result rather than a wrong answer:
+        the provider's failure is counted (:meth:`is_banned` turns true after
+        ``max_provider_failures`` in a row), and a batch of several trials is split into
+        single trials, so one configuration that kills its worker cannot take the others
+        down with it. After ``max_attempts`` sends a trial is recorded as failed with
+        ``reason``: a configuration that fails deterministically is not retried forever.
         """
         entry = self._pending.pop(subtask_id, None)
         if entry is None:
             return
-        if entry.attempt < MAX_ATTEMPTS and not self._aborted:
+        if fault:
+            self._faults[entry.provider] = self._faults.get(entry.provider, 0) + 1
+            if self._faults[entry.provider] >= self.max_provider_failures:
+                self.drop(entry.provider, f"{self._faults[entry.provider]} failures in a row, last: {reason}")
+        trials = entry.subtask.trials
+        if entry.attempt < self.max_attempts:
             self.store.settle_subtask(subtask_id, "rejected", reason=reason)
-            self._requeued.append((entry.subtask.trials, entry.attempt + 1))
+            avoid = frozenset({entry.provider})
+            groups = [[t] for t in trials] if fault and len(trials) > 1 else [trials]
+            self._requeued.extend(_Batch(group, entry.attempt + 1, avoid) for group in groups)
         else:
             error = f"gave up after {entry.attempt} attempts: {reason}"
             rows = [
                 (t.number, "failed", None, {"number": t.number, "params": t.params, "seed": t.seed,
                                             "status": "failed", "error": error})
-                for t in entry.subtask.trials
+                for t in trials
             ]
             self.store.settle_subtask(subtask_id, "failed", reason=reason, trials=rows)
-            for t in entry.subtask.trials:
+            for t in trials:
                 self._tell(t.number, None, t.params)
-        self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
+        self._update_running()
 
     def discard(self, subtask_ids: list[str]) -> None:
         """Forget subtasks without requeuing (abort); their trials stay unfinished."""
@@ -232,22 +322,40 @@ class HyperparameterSearchTask:
         same parameters and seeds; the in-memory study is rebuilt from the store (Optuna
         cannot un-tell a trial), keeping the sampler and its random state.
         """
-        reopened = set(self.store.ban(provider, reason))
+        reopened = self.store.ban(provider, reason, reopen=True)
         self._banned.add(provider)
-        if not reopened:
-            return
-        rows = self.store.trials()
-        by_subtask: dict[str, list[TrialSpec]] = {}
-        for sub in self.store.subtasks():
-            if sub["subtask_id"] in reopened:
-                numbers = json.loads(sub["trial_numbers"])
-                by_subtask[sub["subtask_id"]] = [TrialSpec(number=n, params=rows[n].params, seed=rows[n].seed)
-                                                 for n in numbers]
-        self._requeued.extend((trials, 1) for trials in by_subtask.values())
-        self._rebuild_study(rows)
+        if reopened:
+            rows = self.store.trials()
+            self._requeue_unsettled(rows, exclude=self._queued_numbers())
+            self._rebuild_study(rows)
+
+    def drop(self, provider: str, reason: str) -> None:
+        """Stop using a provider that keeps failing; unlike a ban, its accepted work stands."""
+        self.store.ban(provider, f"dropped: {reason}", reopen=False)
+        self._banned.add(provider)
 
     def is_banned(self, provider: str) -> bool:
+        """Whether ``provider`` was banned for wrong results or dropped for failing."""
         return provider in self._banned
+
+    def _queued_numbers(self) -> set[int]:
+        queued = {t.number for b in self._requeued for t in b.trials}
+        return queued | {t.number for p in self._pending.values() for t in p.subtask.trials}
+
+    def _requeue_unsettled(self, rows: list[TrialRow], exclude: set[int]) -> None:
+        """Queue every trial the store has as running, grouped as it was last sent."""
+        running = {r.number for r in rows if r.state == "running"} - exclude
+        if not running:
+            return
+        last_batch: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for sub in self.store.subtasks():
+            numbers = tuple(json.loads(sub["trial_numbers"]))
+            for n in numbers:
+                if n in running:
+                    last_batch[n] = (sub["attempt"], numbers)
+        for attempt, numbers in dict.fromkeys(last_batch.values()):
+            trials = [TrialSpec(number=n, params=rows[n].params, seed=rows[n].seed) for n in numbers if n in running]
+            self._requeued.append(_Batch(trials, attempt))
 
     def record_verdict(self, verdict: Any) -> None:
         self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
@@ -268,6 +376,9 @@ class HyperparameterSearchTask:
             ))
             if state != TrialState.RUNNING:
                 self._count(row.number, row.value if state == TrialState.COMPLETE else None, row.params)
+        self._update_running()
+
+    def _update_running(self) -> None:
         self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
 
     def _tell(self, number: int, value: float | None, params: dict[str, Any]) -> None:
@@ -298,8 +409,53 @@ class HyperparameterSearchTask:
     def finished(self) -> bool:
         return self._aborted or (self._asked >= self.n_trials and not self._pending and not self._requeued)
 
+    def abort_requested(self) -> bool:
+        """Whether ``mltask tasks abort`` asked this task to stop (checked by the scheduler)."""
+        return bool(self.store.meta_value("abort_requested"))
+
     def abort(self) -> None:
         """Stop handing out work; what is in flight is discarded, what is done is kept."""
         self._aborted = True
         self.discard(self.pending_subtasks())
         self.store.set_meta("aborted_at", json.dumps(time.time()))
+
+
+_UPDATABLE = ("timeout", "subtask_timeout", "bid")
+
+
+def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int) -> tuple[TaskDefinition, int]:
+    """The stored task with the changes a resume may make; anything else is refused.
+
+    A resume may change the time limits and the bid, and raise ``n_trials`` (not for grid
+    search, whose budget is its grid): what was already computed stays valid under those.
+    Any other change would mix results of two different searches in one study.
+    """
+    old, upd = stored.model_dump(mode="json"), new.model_dump(mode="json")
+    merged = dict(old, **{k: upd[k] for k in _UPDATABLE})
+    new_trials = new.options.n_trials
+    old_opts, upd_opts = dict(old["options"], n_trials=None), dict(upd["options"], n_trials=None)
+    merged["options"] = dict(old["options"])
+    for key in list(upd) + list(old):
+        if key in _UPDATABLE:
+            continue
+        a, b = (old_opts, upd_opts) if key == "options" else (old.get(key), upd.get(key))
+        if a != b:
+            where = _first_difference(a, b, key)
+            raise TaskError(
+                where, "differs from the task being resumed; a resume may change only timeout, subtask_timeout, "
+                "bid and a larger options.n_trials - start a new task (--output) for anything else"
+            )
+    if new_trials is not None and new_trials != n_trials:
+        if stored.options.algorithm == "grid" or new_trials < n_trials:
+            raise TaskError("options.n_trials", f"can only grow on resume, and not for grid search (is {n_trials})")
+        merged["options"]["n_trials"] = new_trials
+        n_trials = new_trials
+    return TaskDefinition.model_validate(merged), n_trials
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    return path

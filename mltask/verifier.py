@@ -79,7 +79,7 @@ class Verifier:
         self.direction = direction
         self._rng = random.Random(seed)
         self._low, self._high = score_range(problem.scoring)
-        self._seen_providers: set[str] = set()
+        self.seen_providers: set[str] = set()
         self.rerun_seconds = 0.0
 
     def check(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str,
@@ -110,8 +110,8 @@ class Verifier:
             contender = self._would_be_best(result.trials, best)
             if contender is not None:
                 plan.append((contender.number, None))
-        first = provider not in self._seen_providers
-        self._seen_providers.add(provider)
+        first = provider not in self.seen_providers
+        self.seen_providers.add(provider)
         rate = self.options.sample_rate
         if plan or rate == 0 or not (first or self._rng.random() < rate):
             return plan
