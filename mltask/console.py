@@ -32,11 +32,11 @@ class SearchProgress:
         self._id = self._bar.add_task(label, total=total, best="")
         self._last = 0.0
 
-    def __enter__(self) -> "SearchProgress":
+    def __enter__(self) -> SearchProgress:
         self._bar.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._bar.__exit__(*exc)
 
     def update(self, progress: TaskProgress, force: bool = False) -> None:

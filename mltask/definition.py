@@ -95,7 +95,7 @@ class DatasetSpec(_Strict):
     npz: str | None = Field(default=None, description="NPZ file name with arrays X and y, listed in `resources`.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "DatasetSpec":
+    def _exactly_one(self) -> DatasetSpec:
         given = [k for k in ("builtin", "csv", "npz") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of builtin, csv or npz")
@@ -177,7 +177,7 @@ class SearchOptions(_Strict):
     )
 
     @model_validator(mode="after")
-    def _one_model(self) -> "SearchOptions":
+    def _one_model(self) -> SearchOptions:
         if (self.estimator is None) == (self.script is None):
             raise ValueError("give exactly one of estimator or script")
         if self.script is not None and self.scoring is not None:

@@ -8,6 +8,11 @@ traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pydantic
+
 EXIT_USAGE = 2
 
 
@@ -20,7 +25,7 @@ class TaskError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
 
 
-def pydantic_error_to_task_error(exc: "pydantic.ValidationError", prefix: str = "") -> TaskError:  # noqa: F821
+def pydantic_error_to_task_error(exc: pydantic.ValidationError, prefix: str = "") -> TaskError:
     """Turn pydantic's multi-line report into one line about the first problem.
 
     pydantic lists every error with its location; a requestor fixes one thing at a time,

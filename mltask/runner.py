@@ -16,7 +16,16 @@ from mltask.definition import PipelineSpec, TaskDefinition, load_definition, par
 from mltask.errors import TaskError
 from mltask.protocol import Problem
 from mltask.report import PLOT_FILE, REPORT_FILE, verification_lines, write_report
-from mltask.results import BEST_JSON, MODEL_FILE, RESULTS_CSV, RESULTS_JSON, Summary, refit_best, summarize, write_results
+from mltask.results import (
+    BEST_JSON,
+    MODEL_FILE,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    Summary,
+    refit_best,
+    summarize,
+    write_results,
+)
 from mltask.scheduler import drive
 from mltask.store import Store
 from mltask.task import RESOURCES_DIR, STATE_FILE, HyperparameterSearchTask

@@ -63,7 +63,7 @@ class IntParam(_Param):
     log: bool = Field(default=False, description="Sample on a log scale (low must be > 0).")
 
     @model_validator(mode="after")
-    def _check_range(self) -> "IntParam":
+    def _check_range(self) -> IntParam:
         _check_bounds(self.low, self.high, self.log)
         if self.log and self.step != 1:
             raise ValueError("log scale and step cannot be combined; drop one of them")
@@ -89,7 +89,7 @@ class FloatParam(_Param):
     log: bool = Field(default=False, description="Sample on a log scale (low must be > 0).")
 
     @model_validator(mode="after")
-    def _check_range(self) -> "FloatParam":
+    def _check_range(self) -> FloatParam:
         _check_bounds(self.low, self.high, self.log)
         if self.log and self.step is not None:
             raise ValueError("log scale and step cannot be combined; drop one of them")
@@ -116,7 +116,7 @@ class CategoricalParam(_Param):
     choices: list[Scalar] = Field(min_length=1, description="Values: strings, numbers, booleans or null.")
 
     @model_validator(mode="after")
-    def _unique(self) -> "CategoricalParam":
+    def _unique(self) -> CategoricalParam:
         if len({repr(c) for c in self.choices}) != len(self.choices):
             raise ValueError("choices repeat a value; list each value once")
         return self
@@ -156,7 +156,7 @@ def _check_bounds(low: float, high: float, log: bool) -> None:
         raise ValueError(f"log scale needs low > 0 (got {low}); raise low or set log to false")
 
 
-Param = Annotated[Union[IntParam, FloatParam, CategoricalParam, FixedParam], Field(discriminator="type")]
+Param = Annotated[IntParam | FloatParam | CategoricalParam | FixedParam, Field(discriminator="type")]
 
 
 class SearchSpace(RootModel[dict[str, Param]]):
@@ -177,7 +177,7 @@ class SearchSpace(RootModel[dict[str, Param]]):
         return out
 
     @model_validator(mode="after")
-    def _check(self) -> "SearchSpace":
+    def _check(self) -> SearchSpace:
         if not self.root:
             raise ValueError("the search space is empty; add at least one parameter")
         seen: dict[str, Param] = {}

@@ -91,7 +91,7 @@ class Store:
         self.path = path
 
     @classmethod
-    def create(cls, path: Path, meta: dict[str, str]) -> "Store":
+    def create(cls, path: Path, meta: dict[str, str]) -> Store:
         if path.exists():
             raise TaskError("--output", f"{path.parent} already holds a task; choose another output dir or pass --force")
         store = cls(_connect(path), path)
@@ -103,7 +103,7 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: Path) -> "Store":
+    def open(cls, path: Path) -> Store:
         if not path.is_file():
             raise TaskError(str(path.parent), "not a task output dir (no state.db); check the path")
         try:

@@ -117,7 +117,7 @@ class HyperparameterSearchTask:
     # -- creation -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, definition: TaskDefinition, base_dir: Path, output_dir: Path) -> "HyperparameterSearchTask":
+    def create(cls, definition: TaskDefinition, base_dir: Path, output_dir: Path) -> HyperparameterSearchTask:
         """Validate against the world, copy resources, and start a fresh state file."""
         output_dir.mkdir(parents=True, exist_ok=True)
         resolved = resolve(definition, base_dir, output_dir / RESOURCES_DIR)
@@ -138,7 +138,7 @@ class HyperparameterSearchTask:
         )
 
     @classmethod
-    def load(cls, output_dir: Path, update: TaskDefinition | None = None) -> "HyperparameterSearchTask":
+    def load(cls, output_dir: Path, update: TaskDefinition | None = None) -> HyperparameterSearchTask:
         """Reopen a task from its state file after a stop, a crash or ``kill -9``.
 
         Subtasks that were in flight are closed as discarded and their trials re-queued

@@ -50,7 +50,7 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Stop every provider; safe to call twice and after errors."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:
