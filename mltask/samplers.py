@@ -39,6 +39,17 @@ class _KnownSpaceQMCSampler(optuna.samplers.QMCSampler):
         return self._known_space
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """Grid search under ask-and-tell.
+
+    Optuna's GridSampler calls ``study.stop()`` when the grid is exhausted, which raises
+    outside ``study.optimize``; our task knows its budget (the grid size) and stops itself.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 class _ReproducibleRandomSampler(optuna.samplers.RandomSampler):
     """Random search whose trial *n* is the same whatever happened before it.
 
@@ -65,7 +76,7 @@ def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if algorithm == "grid":
         try:
-            return optuna.samplers.GridSampler(space.grid(), seed=seed)
+            return _AskTellGridSampler(space.grid(), seed=seed)
         except ValueError as exc:
             raise TaskError("options.search_space", str(exc)) from None
     if algorithm == "random":

@@ -14,7 +14,7 @@ from typing import Literal
 
 from mltask.backends.base import Backend, Completion
 from mltask.errors import TaskError
-from mltask.protocol import MissingResult, ResultError, read_result
+from mltask.protocol import MissingResult, ResultError, TrialResult, TrialSpec, read_result
 from mltask.task import HyperparameterSearchTask, Progress
 from mltask.verifier import Verdict, Verifier
 
@@ -39,10 +39,31 @@ def drive(
     verifier: Verifier | None = None,
     on_update: Callable[[Progress], None] = lambda progress: None,
 ) -> StopReason:
-    """Run ``task`` on ``backend`` until it finishes or ``timeout`` seconds pass."""
+    """Run ``task`` on ``backend`` until it finishes or ``timeout`` seconds pass.
+
+    A search is finished only once its best trial has survived a full re-run; if it does
+    not, its provider is banned, everything it reported is sent again, and the search
+    goes on.
+    """
     verifier = verifier or make_verifier(task)
-    subtask_timeout = float(task.definition.subtask_timeout_seconds)
     deadline = time.monotonic() + timeout
+    while True:
+        stopped = _run_until_settled(task, backend, verifier, deadline, on_update)
+        if stopped is not None:
+            return stopped
+        if verify_best(task, verifier):
+            return "finished"
+
+
+def _run_until_settled(
+    task: HyperparameterSearchTask,
+    backend: Backend,
+    verifier: Verifier,
+    deadline: float,
+    on_update: Callable[[Progress], None],
+) -> StopReason | None:
+    """Hand out and collect subtasks until none is left; a reason if stopped early."""
+    subtask_timeout = float(task.definition.subtask_timeout_seconds)
     next_abort_check = 0.0
     busy = 0
     while not task.finished():
@@ -72,7 +93,23 @@ def drive(
             busy -= 1
             settle(task, completion, verifier)
         on_update(task.progress())
-    return "finished"
+    return None
+
+
+def verify_best(task: HyperparameterSearchTask, verifier: Verifier) -> bool:
+    """Re-run the best trial in full unless already done; ``False`` if it proved fake."""
+    row = task.best_trial()
+    if row is None or row.verified == "full" or not verifier.options.verify_best:
+        return True
+    assert row.result is not None and row.subtask_id is not None and row.provider is not None
+    spec = TrialSpec(number=row.number, params=row.params, seed=row.seed)
+    verdict = verifier.check_best(spec, TrialResult.model_validate(row.result), row.subtask_id, row.provider)
+    task.record_verdict(verdict)
+    if verdict.ok:
+        task.mark_verified(row.number)
+        return True
+    task.ban(row.provider, verdict.reason or "the best trial did not reproduce")
+    return False
 
 
 def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Verifier) -> None:

@@ -240,9 +240,19 @@ class Store:
         return dict(self._conn.execute("SELECT provider, reason FROM bans"))
 
     def trials(self) -> list[TrialRow]:
+        return self._trial_rows("ORDER BY number")
+
+    def trial(self, number: int) -> TrialRow:
+        return self._trial_rows("WHERE number = ?", (number,))[0]
+
+    def set_verified(self, number: int, how: str) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE trials SET verified = ? WHERE number = ?", (how, number))
+
+    def _trial_rows(self, where: str, args: tuple[Any, ...] = ()) -> list[TrialRow]:
         rows = self._conn.execute(
             "SELECT number, params, seed, system_attrs, state, value, result, subtask_id, provider, finished_at,"
-            " verified FROM trials ORDER BY number"
+            f" verified FROM trials {where}", args
         )
         return [
             TrialRow(n, json.loads(p), s, json.loads(a), st, v, json.loads(r) if r else None, sid, prov, fin, ver)

@@ -334,6 +334,15 @@ class HyperparameterSearchTask:
         self.store.ban(provider, f"dropped: {reason}", reopen=False)
         self._banned.add(provider)
 
+    def best_trial(self) -> TrialRow | None:
+        """The stored row of the best trial so far."""
+        number = self._progress.best_number
+        return None if number is None else self.store.trial(number)
+
+    def mark_verified(self, number: int) -> None:
+        """Record that the verifier re-ran every fold of trial ``number`` and agreed."""
+        self.store.set_verified(number, "full")
+
     def is_banned(self, provider: str) -> bool:
         """Whether ``provider`` was banned for wrong results or dropped for failing."""
         return provider in self._banned
