@@ -86,7 +86,7 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path) -> 
 
 def _collect_resources(paths: list[str], base_dir: Path, resources_dir: Path) -> list[ResourceRef]:
     refs: list[ResourceRef] = []
-    resources_dir.mkdir(parents=True, exist_ok=True)
+    resources_dir.mkdir(parents=True, exist_ok=True)  # parents: the output dir itself
     for i, raw in enumerate(paths):
         field = f"resources[{i}]"
         path = (base_dir / raw).resolve()

@@ -92,8 +92,8 @@ class Store:
 
     @classmethod
     def create(cls, path: Path, meta: dict[str, str]) -> Store:
-        if path.exists():
-            raise TaskError("--output", f"{path.parent} already holds a task; choose another output dir or pass --force")
+        if path.exists():  # the task checks first, with advice; this guards the file itself
+            raise FileExistsError(path)
         store = cls(_connect(path), path)
         store._conn.executescript(_SCHEMA)
         with store.transaction() as cur:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 import uuid
 from collections import deque
@@ -119,8 +120,14 @@ class HyperparameterSearchTask:
     @classmethod
     def create(cls, definition: TaskDefinition, base_dir: Path, output_dir: Path) -> HyperparameterSearchTask:
         """Validate against the world, copy resources, and start a fresh state file."""
-        output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = resolve(definition, base_dir, output_dir / RESOURCES_DIR)
+        if (output_dir / STATE_FILE).exists():
+            raise TaskError("--output", f"{output_dir} already holds a task; choose another output dir or pass --force")
+        created = not output_dir.exists()
+        try:
+            resolved = resolve(definition, base_dir, output_dir / RESOURCES_DIR)
+        except TaskError:  # leave no half-made output dir behind
+            shutil.rmtree(output_dir if created else output_dir / RESOURCES_DIR, ignore_errors=True)
+            raise
         task_id = uuid.uuid4().hex[:12]
         meta = {
             "task_id": task_id,
