@@ -146,15 +146,16 @@ def write_json_atomic(path: Path, text: str) -> None:
 def read_bounded(path: Path, limit: int) -> bytes:
     """Read a regular file that must not be a link nor larger than ``limit`` bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO planted as result.json must not hang the requestor.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise MissingResult(f"no {path.name} was written") from None
     except OSError as exc:
         raise ResultError(f"{path.name} cannot be opened safely ({exc.strerror}); links are refused") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, a FIFO, a device...
+        os.close(fd)
+        raise ResultError(f"{path.name} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ResultError(f"{path.name} is not a regular file")
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise ResultError(f"{path.name} is larger than the {limit}-byte bound for this subtask")
