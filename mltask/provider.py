@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mltask import __version__
 from mltask.data import load_dataset
@@ -82,14 +83,25 @@ def _evaluator(problem_json: str, resources_dir: Path) -> TrialEvaluator:
     return TrialEvaluator(problem, data, make_splits(problem.cv, data), resources_dir)
 
 
+@functools.lru_cache(maxsize=1)
+def _threadpools() -> Any:
+    # Finding the BLAS/OpenMP libraries costs ~3 ms; do it once per process, not per subtask.
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_thread() -> Any:
+    """Context: one BLAS/OpenMP thread, so scores do not depend on the thread count."""
+    return _threadpools().limit(limits=1)
+
+
 def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> SubtaskResult:
     """Train and score every trial of ``subtask`` with one BLAS/OpenMP thread."""
-    from threadpoolctl import threadpool_limits
-
     started = time.perf_counter()
     check_resources(subtask.problem.resources, resources_dir)
     evaluator = evaluator_for(subtask.problem, resources_dir)
-    with threadpool_limits(limits=1):
+    with one_thread():
         trials = [evaluator.evaluate(trial) for trial in subtask.trials]
     return SubtaskResult(
         task_id=subtask.task_id,

@@ -8,7 +8,6 @@ and QMC is told the search space up front (see :class:`_KnownSpaceQMCSampler`).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import Any
 
@@ -54,21 +53,22 @@ class _ReproducibleRandomSampler(optuna.samplers.RandomSampler):
     """Random search whose trial *n* is the same whatever happened before it.
 
     Optuna's RandomSampler draws from one generator, so after a resume (a fresh sampler)
-    trial 0's values would come again. Seeding each draw from (seed, trial number,
-    parameter) makes trial *n* identical in an interrupted and an undisturbed run.
+    trial 0's values would come again. Drawing trial *n*'s values from a generator seeded
+    by (seed, *n*) makes it identical in an interrupted and an undisturbed run; the
+    parameters of a trial are always drawn in the search space's order.
     """
 
     def __init__(self, seed: int) -> None:
         super().__init__(seed=seed)
         self._base_seed = seed
+        self._current: tuple[int, optuna.samplers.RandomSampler] | None = None
 
     def sample_independent(self, study: optuna.Study, trial: Any, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        key = int.from_bytes(hashlib.sha256(param_name.encode()).digest()[:4], "little")
-        seed = np.random.SeedSequence([self._base_seed, trial.number, key]).generate_state(1)[0]
-        return optuna.samplers.RandomSampler(seed=int(seed)).sample_independent(
-            study, trial, param_name, param_distribution
-        )
+        if self._current is None or self._current[0] != trial.number:
+            seed = np.random.SeedSequence([self._base_seed, trial.number]).generate_state(1)[0]
+            self._current = (trial.number, optuna.samplers.RandomSampler(seed=int(seed)))
+        return self._current[1].sample_independent(study, trial, param_name, param_distribution)
 
 
 def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:

@@ -150,13 +150,11 @@ class Verifier:
     def _rerun(self, specs: dict[int, TrialSpec], claimed: dict[int, TrialResult],
                plan: list[tuple[int, int | None]]) -> str | None:
         """Re-run ``plan`` on the requestor; the first disagreement with the claims, or ``None``."""
-        from threadpoolctl import threadpool_limits
-
-        from mltask.provider import check_resources, evaluator_for
+        from mltask.provider import check_resources, evaluator_for, one_thread
 
         check_resources(self.problem.resources, self.resources_dir)
         evaluator = evaluator_for(self.problem, self.resources_dir)
-        with threadpool_limits(limits=1):
+        with one_thread():
             for number, fold in plan:
                 folds = None if fold is None else [fold]
                 honest = evaluator.evaluate(specs[number], folds)
