@@ -1,0 +1,191 @@
+"""A test harness of dishonest providers (not product code).
+
+``InlineBackend`` runs the real provider entry point in this process, synchronously, for a
+set of named providers, so hundreds of simulated searches take seconds. A provider may be
+given a *cheat*: a function that rewrites its honest result before the requestor reads it,
+the way a dishonest machine would write whatever it liked into ``/golem/output``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mltask.backends.base import Backend, Completion
+from mltask.definition import parse_definition
+from mltask.protocol import RESULT_FILE, SubtaskDefinition, dumps, result_size_limit
+from mltask.provider import evaluate_subtask
+from mltask.scheduler import drive
+from mltask.task import HyperparameterSearchTask
+
+Cheat = Callable[[dict[str, Any], SubtaskDefinition, random.Random], "dict[str, Any] | bytes | None"]
+
+
+def _consistent(trial: dict[str, Any]) -> None:
+    """Recompute mean and std so a fake passes the structural checks and needs a re-run."""
+    folds = trial["fold_scores"]
+    mean = sum(folds) / len(folds)
+    trial["mean_score"] = mean
+    trial["std_score"] = (sum((f - mean) ** 2 for f in folds) / len(folds)) ** 0.5
+
+
+def _ok_trials(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in doc["trials"] if t["status"] == "ok"]
+
+
+def inflate(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Report every score higher than it was (capped at a perfect 1.0)."""
+    for trial in _ok_trials(doc):
+        trial["fold_scores"] = [min(1.0, s + 0.05) for s in trial["fold_scores"]]
+        _consistent(trial)
+    return doc
+
+
+def random_scores(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Skip training and invent scores and predictions."""
+    for trial in _ok_trials(doc):
+        trial["fold_scores"] = [rng.random() for _ in trial["fold_scores"]]
+        trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in trial["fold_fingerprints"]]
+        _consistent(trial)
+    return doc
+
+
+def plausible_lazy(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Skip training but report believable, mediocre scores (never a new best)."""
+    for trial in _ok_trials(doc):
+        trial["fold_scores"] = [0.5 for _ in trial["fold_scores"]]
+        _consistent(trial)
+    return doc
+
+
+def copy_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Train one configuration and report its result for every other one too."""
+    ok = _ok_trials(doc)
+    for trial in ok[1:]:
+        for key in ("fold_scores", "fold_fingerprints", "fingerprint", "mean_score", "std_score"):
+            trial[key] = ok[0][key]
+    return doc
+
+
+def single_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Inflate one fold of one trial only: the smallest lie that moves a score."""
+    ok = _ok_trials(doc)
+    if ok:
+        trial = rng.choice(ok)
+        fold = rng.randrange(len(trial["fold_scores"]))
+        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + 0.2)
+        _consistent(trial)
+    return doc
+
+
+def fake_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Train honestly but claim a perfect score for one configuration, to win."""
+    ok = _ok_trials(doc)
+    if ok:
+        trial = rng.choice(ok)
+        trial["fold_scores"] = [1.0 for _ in trial["fold_scores"]]
+        _consistent(trial)
+    return doc
+
+
+def claim_failed(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Skip the work and say every configuration crashed."""
+    for trial in doc["trials"]:
+        trial.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
+                     fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
+    return doc
+
+
+def skip_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    doc["trials"] = doc["trials"][:-1]
+    return doc
+
+
+def other_subtask(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    doc["subtask_id"] = "s999999"
+    return doc
+
+
+def malformed(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> bytes:
+    return b'{"task_id": "' + doc["task_id"].encode() + b'", "trials": [{'
+
+
+def huge(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> bytes:
+    return json.dumps(doc).encode() + b" " * result_size_limit(subtask)
+
+
+def nothing(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> None:
+    return None
+
+
+def sometimes(cheat: Cheat, fraction: float) -> Cheat:
+    """Cheat on a ``fraction`` of subtasks only, to stay under the radar."""
+
+    def maybe(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> Any:
+        return cheat(doc, subtask, rng) if rng.random() < fraction else doc
+
+    return maybe
+
+
+CHEATS: dict[str, Cheat] = {
+    "inflate": inflate, "random_scores": random_scores, "plausible_lazy": plausible_lazy, "copy_trial": copy_trial,
+    "single_fold": single_fold, "fake_best": fake_best, "claim_failed": claim_failed, "skip_trial": skip_trial,
+    "other_subtask": other_subtask, "malformed": malformed, "huge": huge,
+}
+
+
+class InlineBackend(Backend):
+    """Named providers that run the provider entry point here, one subtask per ``wait``."""
+
+    name = "inline"
+
+    def __init__(self, cheats: dict[str, Cheat | None], seed: int = 0) -> None:
+        self.cheats = cheats
+        self.rng = random.Random(seed)
+        self.faked: dict[str, int] = {name: 0 for name in cheats}
+        self._queue: list[tuple[str, SubtaskDefinition]] = []
+
+    def start(self, resources_dir: Path, scratch_dir: Path) -> None:
+        self.resources_dir, self.scratch_dir = resources_dir, scratch_dir
+
+    def idle_providers(self) -> list[str]:
+        busy = {p for p, _ in self._queue}
+        return [p for p in self.cheats if p not in busy]
+
+    def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
+        self._queue.append((provider, subtask))
+
+    def wait(self, timeout: float) -> list[Completion]:
+        if not self._queue:
+            return []
+        provider, subtask = self._queue.pop(0)
+        honest = json.loads(dumps(evaluate_subtask(subtask, self.resources_dir)))
+        out = self.scratch_dir / provider / subtask.subtask_id
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        cheat = self.cheats[provider]
+        written = cheat(json.loads(json.dumps(honest)), subtask, self.rng) if cheat else honest
+        if written != honest:
+            self.faked[provider] += 1
+        if isinstance(written, bytes):
+            (out / RESULT_FILE).write_bytes(written)
+        elif written is not None:
+            (out / RESULT_FILE).write_text(json.dumps(written))
+        return [Completion(provider, subtask, out)]
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def run_inline(data: dict[str, Any], output_dir: Path, cheats: dict[str, Cheat | None],
+               seed: int = 0) -> tuple[HyperparameterSearchTask, InlineBackend, str]:
+    """Run a whole search on inline providers; the task, the backend and how it stopped."""
+    task = HyperparameterSearchTask.create(parse_definition(data), output_dir.parent, output_dir)
+    backend = InlineBackend(cheats, seed)
+    backend.start(task.resources_dir, output_dir / "scratch")
+    status = drive(task, backend, timeout=600)
+    return task, backend, status
