@@ -138,18 +138,24 @@ class LocalBackend(Backend):
         if slot.conn.poll():
             try:
                 error = slot.conn.recv()
-            except (EOFError, OSError):
-                error = "worker died before answering"
-                self._restart(slot)
+            except (EOFError, OSError):  # the pipe closed: the worker is gone
+                return Completion(slot.name, subtask, None, self._died(slot))
             return Completion(slot.name, subtask, None if error else slot.output, error)
         if not slot.process.is_alive():
-            code = slot.process.exitcode
-            self._restart(slot)
-            return Completion(slot.name, subtask, None, f"worker died (exit code {code})")
+            return Completion(slot.name, subtask, None, self._died(slot))
         if time.monotonic() >= slot.deadline:
             self._restart(slot)
             return Completion(slot.name, subtask, None, f"timed out after {slot.timeout:g} s; worker killed")
         return None
+
+    def _died(self, slot: _Slot) -> str:
+        """Why a worker vanished (exit code or signal); it is replaced."""
+        slot.process.join(timeout=5)
+        code = slot.process.exitcode
+        self._restart(slot)
+        if code is not None and code < 0:
+            return f"worker killed by signal {-code}"
+        return f"worker died (exit code {code})"
 
     def close(self) -> None:
         for slot in self._slots:

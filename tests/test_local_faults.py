@@ -1,0 +1,139 @@
+"""Provider faults on the real local backend: crash, hang, kill, out of memory, no result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mltask import run_task
+from mltask.backends.local import LocalBackend
+from mltask.definition import parse_definition
+from mltask.scheduler import drive
+from mltask.task import HyperparameterSearchTask
+from tests.dishonest import nothing, run_inline
+from tests.support import results, task_dict
+
+SCRIPT = '''
+import os, resource, time
+with open(os.path.join(os.path.dirname(__file__), "..", "imports.log"), "a") as fh:
+    fh.write(f"{os.getpid()}\\n")  # once per import: once per worker if the problem is cached
+
+def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
+    k = params["k"]
+    if k == BAD and params["mode"] == "crash":
+        os._exit(3)
+    if k == BAD and params["mode"] == "hang":
+        time.sleep(60)
+    if k == BAD and params["mode"] == "oom":
+        resource.setrlimit(resource.RLIMIT_AS, (2 * 1024 ** 3, resource.RLIM_INFINITY))
+        hog = bytearray(4 * 1024 ** 3)
+    return float(k)
+'''
+
+
+def _script_task(tmp_path: Path, mode: str, bad: int = 3, n: int = 8, subtasks: int = 2, **envelope: Any) -> dict:
+    (tmp_path / "train.py").write_text(SCRIPT.replace("BAD", str(bad)))
+    data = task_dict(estimator=None, scoring=None, script={"file": "train.py"}, algorithm="grid", n_trials=None,
+                     search_space={"k": list(range(n)), "mode": mode}, max_attempts=2)
+    data.update(resources=["train.py"], subtasks_count=subtasks, **envelope)
+    return data
+
+
+def _run(tmp_path: Path, data: dict, workers: int = 2) -> dict:
+    (tmp_path / "task.json").write_text(json.dumps(data))
+    run_task(tmp_path / "task.json", workers=workers, output=tmp_path / "out", quiet=True)
+    return results(tmp_path / "out")
+
+
+def _by_k(doc: dict) -> dict[int, dict]:
+    return {t["params"]["k"]: t for t in doc["trials"]}
+
+
+def test_crashing_configuration_fails_alone_and_once(tmp_path: Path) -> None:
+    doc = _run(tmp_path, _script_task(tmp_path, "crash"))
+    trials = _by_k(doc)
+    assert doc["status"] == "finished" and doc["counts"]["complete"] == 7 and doc["counts"]["failed"] == 1
+    assert trials[3]["state"] == "failed" and "exit code 3" in trials[3]["error"]
+    assert "gave up after 2 attempts" in trials[3]["error"]
+    assert all(t["mean_test_score"] == k for k, t in trials.items() if k != 3)
+
+
+@pytest.mark.slow
+def test_hanging_configuration_is_killed_at_the_subtask_timeout(tmp_path: Path) -> None:
+    started = time.monotonic()
+    doc = _run(tmp_path, _script_task(tmp_path, "hang", subtask_timeout="00:00:02"))
+    assert time.monotonic() - started < 30
+    trials = _by_k(doc)
+    assert trials[3]["state"] == "failed" and "timed out after 2 s" in trials[3]["error"]
+    assert doc["counts"]["complete"] == 7
+
+
+def test_out_of_memory_fails_its_trial_only(tmp_path: Path) -> None:
+    doc = _run(tmp_path, _script_task(tmp_path, "oom"))
+    trials = _by_k(doc)
+    assert trials[3]["state"] == "failed" and "MemoryError" in trials[3]["error"]
+    assert doc["counts"]["complete"] == 7
+
+
+def test_problem_is_built_once_per_worker(tmp_path: Path) -> None:
+    doc = _run(tmp_path, _script_task(tmp_path, "fine", bad=-1, n=12, subtasks=6))
+    assert doc["counts"]["complete"] == 12
+    pids = [int(p) for p in (tmp_path / "out" / "imports.log").read_text().split()]
+    workers = [p for p in pids if p != os.getpid()]  # the requestor imports it to validate and to verify
+    assert len(workers) == len(set(workers)) == 2  # 6 subtasks, but each worker built the problem once
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_its_subtask_sent_again(tmp_path: Path) -> None:
+    data = _script_task(tmp_path, "fine", bad=-1, n=16, subtasks=16)
+    (tmp_path / "train.py").write_text(SCRIPT.replace("BAD", "-1").replace("return float(k)",
+                                                                         "time.sleep(0.3)\n    return float(k)"))
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    backend = LocalBackend(workers=2)
+    killed: list[int] = []
+
+    def killer() -> None:
+        time.sleep(1.0)
+        for slot in backend._slots[:1]:
+            killed.append(slot.process.pid)
+            os.kill(slot.process.pid, signal.SIGKILL)
+
+    with backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        threading.Thread(target=killer).start()
+        assert drive(task, backend, timeout=120) == "finished"
+        assert backend._slots[0].process.pid not in killed  # replaced
+    assert killed
+    states = [s["state"] for s in task.store.subtasks()]
+    assert "rejected" in states
+    assert task.progress().done == 16 and task.progress().failed == 0
+
+
+def test_provider_that_returns_nothing_is_retried_elsewhere_then_dropped(tmp_path: Path) -> None:
+    data = task_dict(n_trials=12, max_provider_failures=2)
+    data["subtasks_count"] = 6
+    task, _, status = run_inline(data, tmp_path / "out", {"silent": nothing, "steady": None})
+    assert status == "finished" and task.progress().done == 12
+    assert "dropped" in task.store.bans()["silent"]
+    assert all(r.provider == "steady" for r in task.store.trials())
+
+
+@pytest.mark.slow
+def test_whole_task_timeout_stops_cleanly_and_resumes(tmp_path: Path) -> None:
+    data = _script_task(tmp_path, "fine", bad=-1, n=20, subtasks=20, timeout="00:00:03")
+    (tmp_path / "train.py").write_text(SCRIPT.replace("BAD", "-1").replace("return float(k)",
+                                                                         "time.sleep(0.2)\n    return float(k)"))
+    doc = _run(tmp_path, data, workers=1)
+    assert doc["status"] == "timeout" and 0 < doc["counts"]["complete"] < 20
+    from mltask.runner import resume_task
+
+    longer = {**data, "timeout": "00:05:00"}  # a compatible change on resume
+    resumed = resume_task(tmp_path / "out", task=longer, workers=2, quiet=True)
+    assert resumed.summary.status == "finished" and resumed.summary.counts()["complete"] == 20
