@@ -110,12 +110,18 @@ class LocalBackend(Backend):
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         slot = next(s for s in self._slots if s.name == provider)
         assert slot.subtask is None, f"{provider} is busy"
+        if not slot.process.is_alive():  # died while idle (killed, OOM): nothing was lost
+            slot.process.join()
+            self._restart(slot)
         for directory in (slot.work, slot.output):  # nothing of the last subtask may linger
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
         write_json_atomic(slot.work / SUBTASK_FILE, dumps(subtask))
         slot.subtask, slot.timeout, slot.deadline = subtask, timeout, time.monotonic() + timeout
-        slot.conn.send(subtask.subtask_id)
+        try:
+            slot.conn.send(subtask.subtask_id)
+        except OSError:  # died just now: wait() reports it as this subtask's failure
+            pass
 
     def wait(self, timeout: float) -> list[Completion]:
         busy = [s for s in self._slots if s.subtask is not None]
