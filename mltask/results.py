@@ -88,6 +88,7 @@ def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
         "rejected_trials": sum(len(json.loads(subtasks[s]["trial_numbers"])) for s in rejected if s in subtasks),
         "rejected_subtasks": len(rejected),
         "banned_providers": store.bans(),
+        "dropped_providers": json.loads(store.meta_value("dropped") or "{}"),
         "rerun_seconds": round(rerun, 4),
         "provider_compute_seconds": round(compute, 4),
         "overhead": round(rerun / compute, 4) if compute else 0.0,

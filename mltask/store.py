@@ -68,6 +68,22 @@ CREATE TABLE IF NOT EXISTS bans (provider TEXT PRIMARY KEY, reason TEXT NOT NULL
 """
 
 
+@contextmanager
+def state_errors(path: Path) -> Iterator[None]:
+    """Turn any sign of a damaged state file into one clear error; nothing is changed.
+
+    ``quick_check`` finds broken pages, but damage inside a row (a mangled JSON cell)
+    only shows when it is read, so everything that reads a whole task runs under this.
+    """
+    try:
+        yield
+    except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
+        raise TaskError(
+            str(path), f"the task state is unreadable ({type(exc).__name__}: {str(exc)[:120]}); it is corrupt, "
+            "truncated or not a task - nothing was changed; restore it from a backup or start a new task"
+        ) from None
+
+
 @dataclass(frozen=True)
 class TrialRow:
     number: int
@@ -106,24 +122,25 @@ class Store:
     def open(cls, path: Path) -> Store:
         if not path.is_file():
             raise TaskError(str(path.parent), "not a task output dir (no state.db); check the path")
-        try:
-            conn = _connect(path)
-            check = conn.execute("PRAGMA quick_check").fetchone()
-            if check is None or check[0] != "ok":
-                raise sqlite3.DatabaseError(check[0] if check else "integrity check failed")
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            for table in _TABLES:  # a file that is SQLite but not ours fails here
-                conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise TaskError(
-                str(path), f"the task state is unreadable ({exc}); it is corrupt, truncated or not a task - "
-                "nothing was changed; restore it from a backup or start a new task"
-            ) from None
+        with state_errors(path):
+            # Check read-only first: even switching a foreign file to WAL would write to it.
+            probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                check = probe.execute("PRAGMA quick_check").fetchone()
+                if check is None or check[0] != "ok":
+                    raise sqlite3.DatabaseError(check[0] if check else "integrity check failed")
+                for table in _TABLES:  # a file that is SQLite but not ours fails here
+                    probe.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                version = probe.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            finally:
+                probe.close()
         if version is None or int(version[0]) != SCHEMA_VERSION:
             raise TaskError(str(path), "the task state has an unknown schema version; use the mltask that created it")
-        return cls(conn, path)
+        return cls(_connect(path), path)
 
     def close(self) -> None:
+        """Fold the write-ahead log into state.db, so the file alone holds the whole task."""
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
 
     @contextmanager

@@ -30,7 +30,7 @@ from mltask.errors import TaskError
 from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialSpec, dumps
 from mltask.resolution import resolve
 from mltask.samplers import make_sampler
-from mltask.store import Store, TrialRow
+from mltask.store import Store, TrialRow, state_errors
 
 STATE_FILE = "state.db"
 RESOURCES_DIR = "resources"
@@ -110,6 +110,8 @@ class HyperparameterSearchTask:
         self._sent = 0  # subtasks sent, requeued included; numbers subtask ids
         self._aborted = False
         self._banned: set[str] = set()
+        self._dropped: dict[str, str] = {}
+        self._last_exclusion = ""
         self._faults: dict[str, int] = {}  # consecutive failures per provider
         self._progress = Progress(total=n_trials)
         self.max_attempts = opts.max_attempts
@@ -154,14 +156,19 @@ class HyperparameterSearchTask:
         :func:`compatible_update` allows.
         """
         store = Store.open(output_dir / STATE_FILE)
+        with state_errors(store.path):
+            return cls._load(store, output_dir, update)
+
+    @classmethod
+    def _load(cls, store: Store, output_dir: Path, update: TaskDefinition | None) -> HyperparameterSearchTask:
+        # Read and check everything first: a damaged state must be refused before any write.
         meta = store.meta()
         definition = TaskDefinition.model_validate_json(meta["definition"])
         problem = Problem.model_validate_json(meta["problem"])
         n_trials = int(meta["n_trials"])
+        rows, subtasks, bans = store.trials(), store.subtasks(), store.bans()
         if update is not None:
             definition, n_trials = compatible_update(definition, update, n_trials)
-            store.set_meta("definition", definition.model_dump_json())
-            store.set_meta("n_trials", str(n_trials))
         from mltask.provider import check_resources
 
         try:
@@ -170,24 +177,26 @@ class HyperparameterSearchTask:
             raise TaskError(
                 "resources", f"{exc.message} since the task was created; restore the file or start a new task"
             ) from None
-        task = cls(definition, problem, store, meta["task_id"], n_trials, int(meta["subtasks_count"]),
-                   meta["direction"], output_dir)
-        subtasks = store.subtasks()
+        if update is not None:
+            store.set_meta("definition", definition.model_dump_json())
+            store.set_meta("n_trials", str(n_trials))
         for sub in subtasks:
             if sub["state"] == "pending":
                 store.settle_subtask(sub["subtask_id"], "discarded", reason="the requestor stopped before the answer")
-        rows = store.trials()
-        task._banned = set(store.bans())
+        store.set_meta("abort_requested", "")
+        store.set_meta("dropped", "{}")
+        task = cls(definition, problem, store, meta["task_id"], n_trials, int(meta["subtasks_count"]),
+                   meta["direction"], output_dir)
+        task._banned = set(bans)
         task._asked = len(rows)
         task._sent = max((sub["seq"] for sub in subtasks), default=0)
-        first_batch = {}
+        first_batch: dict[int, str] = {}
         for sub in subtasks:
             for n in json.loads(sub["trial_numbers"]):
                 first_batch.setdefault(n, sub["subtask_id"])
         task._batches = len(set(first_batch.values()))
         task._rebuild_study(rows)
         task._requeue_unsettled(rows, exclude=set())
-        store.set_meta("abort_requested", "")
         return task
 
     @property
@@ -331,15 +340,25 @@ class HyperparameterSearchTask:
         """
         reopened = self.store.ban(provider, reason, reopen=True)
         self._banned.add(provider)
+        self._last_exclusion = f"{provider} banned: {reason}"
         if reopened:
             rows = self.store.trials()
             self._requeue_unsettled(rows, exclude=self._queued_numbers())
             self._rebuild_study(rows)
 
     def drop(self, provider: str, reason: str) -> None:
-        """Stop using a provider that keeps failing; unlike a ban, its accepted work stands."""
-        self.store.ban(provider, f"dropped: {reason}", reopen=False)
-        self._banned.add(provider)
+        """Stop using a provider that keeps failing, for this run.
+
+        Unlike a ban its accepted work stands, and a resume gives it another chance: a
+        machine that was failing may have been fixed (and a local worker is new anyway).
+        """
+        self._dropped[provider] = reason
+        self.store.set_meta("dropped", json.dumps(self._dropped))
+        self._last_exclusion = f"{provider} dropped: {reason}"
+
+    def last_exclusion(self) -> str:
+        """Why the last provider was banned or dropped, for the error when none is left."""
+        return self._last_exclusion or "see results.json"
 
     def best_trial(self) -> TrialRow | None:
         """The stored row of the best trial so far."""
@@ -352,7 +371,7 @@ class HyperparameterSearchTask:
 
     def is_banned(self, provider: str) -> bool:
         """Whether ``provider`` was banned for wrong results or dropped for failing."""
-        return provider in self._banned
+        return provider in self._banned or provider in self._dropped
 
     def _queued_numbers(self) -> set[int]:
         queued = {t.number for b in self._requeued for t in b.trials}
@@ -442,15 +461,18 @@ _UPDATABLE = ("timeout", "subtask_timeout", "bid")
 def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int) -> tuple[TaskDefinition, int]:
     """The stored task with the changes a resume may make; anything else is refused.
 
-    A resume may change the time limits and the bid, and raise ``n_trials`` (not for grid
-    search, whose budget is its grid): what was already computed stays valid under those.
+    A resume may change the time limits, the bid and ``options.provider``, and raise
+    ``n_trials`` (not for grid search, whose budget is its grid): what was already
+    computed stays valid under those.
     Any other change would mix results of two different searches in one study.
     """
     old, upd = stored.model_dump(mode="json"), new.model_dump(mode="json")
     merged = dict(old, **{k: upd[k] for k in _UPDATABLE})
     new_trials = new.options.n_trials
-    old_opts, upd_opts = dict(old["options"], n_trials=None), dict(upd["options"], n_trials=None)
-    merged["options"] = dict(old["options"])
+    # Provider resources decide where trials run, never what they score.
+    old_opts = dict(old["options"], n_trials=None, provider=None)
+    upd_opts = dict(upd["options"], n_trials=None, provider=None)
+    merged["options"] = dict(old["options"], provider=upd["options"]["provider"])
     for key in list(upd) + list(old):
         if key in _UPDATABLE:
             continue
@@ -459,7 +481,7 @@ def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int
             where = _first_difference(a, b, key)
             raise TaskError(
                 where, "differs from the task being resumed; a resume may change only timeout, subtask_timeout, "
-                "bid and a larger options.n_trials - start a new task (--output) for anything else"
+                "bid, options.provider and a larger options.n_trials - start a new task (--output) for anything else"
             )
     if new_trials is not None and new_trials != n_trials:
         if stored.options.algorithm == "grid" or new_trials < n_trials:
