@@ -23,8 +23,9 @@ setup(
     extras_require={
         "cmaes": ["cmaes>=0.10"],
         "docker": ["docker>=7"],
-        "golem": ["golem-core>=0.7"],
-        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5"],
+        # golem-node ships the real yagna binary; golem-core pins an old certifi (its REST client's).
+        "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7"],
     },
     entry_points={
         "console_scripts": [

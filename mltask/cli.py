@@ -1,12 +1,14 @@
 """``mltask``: golemcli-style commands for the ML hyperparameter search task type.
 
     mltask types
-    mltask tasks create TASK.json [--backend local] [--workers N] [--output DIR] [--force]
+    mltask tasks create TASK.json [--backend local|docker|golem] [--workers N] [--output DIR] [--force]
     mltask tasks resume DIR [--task TASK.json]
     mltask tasks abort DIR
     mltask tasks show DIR
     mltask tasks template
     mltask tasks schema
+    mltask image build [--base IMAGE] [--tag TAG]
+    mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
 
 Every user mistake ends as one line on stderr naming the field and the fix, exit code 2.
 """
@@ -47,12 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("dir", type=Path)
     tasks.add_parser("template", help="print a minimal valid task JSON")
     tasks.add_parser("schema", help="print the JSON Schema of a task")
+    image = sub.add_parser("image", help="the provider image").add_subparsers(dest="action", required=True)
+    build = image.add_parser("build", help="build the provider Docker image from docker/Dockerfile")
+    build.add_argument("--base", default=None, help="base image (default: python:X.Y-slim-bookworm of this Python)")
+    build.add_argument("--tag", default=None, help="image tag (default: mltask-provider:VERSION)")
+    gvmi = image.add_parser("gvmi", help="convert the provider image to a GVMI for Golem providers (gvmkit-build)")
+    gvmi.add_argument("--tag", default=None, help="Docker image to convert (default: mltask-provider:VERSION)")
+    gvmi.add_argument("--output", type=Path, default=Path("mltask-provider.gvmi"), help="GVMI file to write")
+    gvmi.add_argument("--push-to", default=None, help="push to the Golem registry as USER/REPO:TAG (anonymous)")
     return parser
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="local", choices=BACKENDS, help="where subtasks run (default: local)")
     parser.add_argument("--workers", type=_positive, default=None, help="providers at once (default: CPU count)")
+    parser.add_argument("--image", default=None, help="docker: provider image (default: options.provider.image)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or leaderboard")
 
 
@@ -73,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "types":
             for info in TASK_TYPES.values():
                 out.print(f"[bold]{info.id}[/]  {info.name}: {info.description}", highlight=False)
+        elif args.command == "image" and args.action == "build":
+            from mltask.image import DEFAULT_TAG, build_image
+
+            built = build_image(args.base, args.tag or DEFAULT_TAG, log=lambda line: out.print(line, highlight=False))
+            print(f"{built.tag} {built.id} {built.size / 1e6:.0f} MB")
+        elif args.command == "image":
+            from mltask.image import DEFAULT_TAG, build_gvmi
+
+            gvmi = build_gvmi(args.tag or DEFAULT_TAG, args.output, args.push_to,
+                              log=lambda line: out.print(line, highlight=False))
+            print(f"{gvmi.path} {gvmi.size / 1e6:.0f} MB\nimage hash (options.golem.image_hash): {gvmi.hash}")
+            where = ("pushed to the Golem registry: providers find it by hash" if args.push_to else
+                     "serve this file over HTTP(S) where providers can reach it and set options.golem.image_url "
+                     "(or push it with --push-to USER/REPO:TAG)")
+            out.print(where, highlight=False)
         elif args.action == "template":
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].defaults(), indent=2))
         elif args.action == "schema":
@@ -98,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.action == "resume":
                 result = resume_task(
-                    args.dir, task=args.task, backend=args.backend, workers=args.workers, quiet=args.quiet
+                    args.dir, task=args.task, backend=args.backend, workers=args.workers, image=args.image,
+                    quiet=args.quiet
                 )
             else:
                 result = run_task(
-                    args.task, backend=args.backend, workers=args.workers, output=args.output, force=args.force,
+                    args.task, backend=args.backend, workers=args.workers, image=args.image, output=args.output,
+                    force=args.force,
                     quiet=args.quiet,
                 )
             return 0 if result.summary.status == "finished" else 1

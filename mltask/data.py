@@ -72,7 +72,7 @@ def _load_csv(path: Path, target: str, field: str) -> Dataset:
     ragged = next((i for i, r in enumerate(body, start=2) if len(r) != len(header)), None)
     if ragged is not None:
         raise TaskError(field, f"{path.name} line {ragged} has a different number of fields than the header")
-    columns = list(zip(*body))
+    columns = list(zip(*body, strict=True))
     t = header.index(target)
     features = [j for j in range(len(header)) if j != t]
     converted = [_as_numbers(columns[j]) for j in features]

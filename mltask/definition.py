@@ -142,6 +142,43 @@ class VerificationOptions(_Strict):
     abs_tolerance: float = Field(default=1e-12, ge=0, description="Absolute tolerance on fold scores.")
 
 
+class ProviderOptions(_Strict):
+    """What one provider gets: the docker backend's container limits, the Golem demand.
+
+    Trials run with one BLAS thread each, so one CPU per provider is the natural size;
+    the memory limit is what kills a configuration that grows past it (a failed trial,
+    not a hung task).
+    """
+
+    cpus: float = Field(default=1.0, gt=0, le=256, description="CPU threads per provider.")
+    memory_gib: float = Field(default=2.0, gt=0, le=1024, description="Memory per provider, GiB; exceeding it kills.")
+    storage_gib: float = Field(default=2.0, gt=0, le=100_000, description="Disk per provider, GiB (Golem demand).")
+    image: str | None = Field(
+        default=None, max_length=200, description="Provider Docker image; default mltask-provider:<version>."
+    )
+
+
+class GolemOptions(_Strict):
+    """Where and how the golem backend finds providers; the price limit is the task's ``bid``."""
+
+    image_hash: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{56}$",
+        description="sha3-224 of the provider image's .gvmi, printed by `mltask image gvmi`.",
+    )
+    image_url: str | None = Field(
+        default=None, pattern=r"^https?://\S+$", max_length=500,
+        description="Where providers download the .gvmi; default: the Golem image registry.",
+    )
+    subnet: str = Field(default="public", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="Golem subnet tag.")
+    payment_driver: str = Field(default="erc20", pattern=r"^[a-z0-9\-]{1,32}$", description="Payment driver.")
+    payment_network: str | None = Field(
+        default=None, pattern=r"^[a-z0-9\-]{1,32}$",
+        description="Payment network; default $YAGNA_PAYMENT_NETWORK or holesky (a testnet).",
+    )
+    budget: float = Field(default=1.0, gt=0, le=1_000_000, description="Most GLM the task may spend; it stops before.")
+    market_timeout: Duration = Field(default="00:05:00", description="Wait for offers at most this long, HH:MM:SS.")
+
+
 class SearchOptions(_Strict):
     """The search itself: what to tune, on what data, how to score, which algorithm."""
 
@@ -175,6 +212,10 @@ class SearchOptions(_Strict):
     verification: VerificationOptions = Field(
         default=VerificationOptions(), description="Checks of provider results; see options.verification."
     )
+    provider: ProviderOptions = Field(
+        default=ProviderOptions(), description="Resources per provider; see options.provider."
+    )
+    golem: GolemOptions = Field(default=GolemOptions(), description="The golem backend; see options.golem.")
 
     @model_validator(mode="after")
     def _one_model(self) -> SearchOptions:

@@ -52,4 +52,5 @@ def pydantic_error_to_task_error(exc: pydantic.ValidationError, prefix: str = ""
 def _is_union_tag(part: object) -> bool:
     # pydantic puts the chosen union member ("int", "float", "function-after[...]") in
     # the location; users think of the JSON path only.
-    return isinstance(part, str) and (part in {"int", "float", "categorical", "fixed", "str", "list[...]"} or "[" in part)
+    wrappers = {"int", "float", "categorical", "fixed", "str", "list[...]"}
+    return isinstance(part, str) and (part in wrappers or "[" in part)

@@ -107,7 +107,7 @@ def make_splits(cv: CVSpec, data: Dataset) -> Splits:
     if cv.kind == "holdout":
         if cv.shuffle:
             return [next(ShuffleSplit(n_splits=1, test_size=cv.test_size, random_state=cv.seed).split(data.X))]
-        cut = n - max(1, int(round(n * cv.test_size)))
+        cut = n - max(1, round(n * cv.test_size))
         return [(np.arange(cut), np.arange(cut, n))]
     splitter_cls = StratifiedKFold if cv.kind == "stratified" else KFold
     splitter = splitter_cls(n_splits=cv.folds, shuffle=cv.shuffle, random_state=seed)

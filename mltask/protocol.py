@@ -31,6 +31,8 @@ from mltask.space import Scalar
 PROTOCOL_VERSION = 1
 SUBTASK_FILE = "subtask.json"
 RESULT_FILE = "result.json"
+ERROR_FILE = "error.txt"  # written instead of a result when the provider itself failed (serve mode)
+ERROR_BYTES = 2000
 _BASE_RESULT_BYTES = 64 * 1024
 _PER_TRIAL_RESULT_BYTES = 32 * 1024
 
@@ -104,7 +106,15 @@ class Environment(_Wire):
     mltask: Annotated[str, Field(max_length=50)]
     python: Annotated[str, Field(max_length=50)]
     numpy: Annotated[str, Field(max_length=50)]
+    scipy: Annotated[str, Field(max_length=50)]
     sklearn: Annotated[str, Field(max_length=50)]
+
+    def mismatch(self, other: Environment) -> str | None:
+        """How ``other`` differs in what decides scores (Python's patch level does not)."""
+        ours, theirs = self.model_dump(), other.model_dump()
+        ours["python"], theirs["python"] = ours["python"].rsplit(".", 1)[0], theirs["python"].rsplit(".", 1)[0]
+        diffs = [f"{key} {theirs[key]} (requestor {ours[key]})" for key in ours if ours[key] != theirs[key]]
+        return ", ".join(diffs) or None
 
 
 class SubtaskResult(_Wire):
@@ -187,8 +197,11 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
     for trial in result.trials:
         if trial.status == "ok":
             if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.fold_fingerprints) == folds):
-                raise ResultError(f"trial {trial.number} is ok but lacks its {folds} fold scores, times or fingerprints")
-            if trial.mean_score is None or trial.std_score is None or not _close(trial.mean_score, mean(trial.fold_scores)):
+                raise ResultError(
+                    f"trial {trial.number} is ok but lacks its {folds} fold scores, times or fingerprints")
+            if trial.mean_score is None or trial.std_score is None:
+                raise ResultError(f"trial {trial.number} is ok but lacks its mean or std score")
+            if not _close(trial.mean_score, mean(trial.fold_scores)):
                 raise ResultError(f"trial {trial.number}: mean_score is not the mean of its fold scores")
             if not _close(trial.std_score, pstdev(trial.fold_scores)):
                 raise ResultError(f"trial {trial.number}: std_score is not the deviation of its fold scores")

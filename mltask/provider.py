@@ -22,6 +22,8 @@ from mltask.data import load_dataset
 from mltask.errors import TaskError
 from mltask.problem import TrialEvaluator, make_splits
 from mltask.protocol import (
+    ERROR_BYTES,
+    ERROR_FILE,
     RESULT_FILE,
     SUBTASK_FILE,
     Environment,
@@ -38,13 +40,15 @@ GOLEM_WORK = Path("/golem/work")
 GOLEM_OUTPUT = Path("/golem/output")
 
 
+@functools.lru_cache(maxsize=1)
 def environment() -> Environment:
+    """The versions this process scores with; recorded in every result."""
     import numpy
+    import scipy
     import sklearn
 
-    return Environment(
-        mltask=__version__, python=platform.python_version(), numpy=numpy.__version__, sklearn=sklearn.__version__
-    )
+    return Environment(mltask=__version__, python=platform.python_version(), numpy=numpy.__version__,
+                       scipy=scipy.__version__, sklearn=sklearn.__version__)
 
 
 def file_sha256(path: Path) -> str:
@@ -119,12 +123,41 @@ def run_subtask(work_dir: Path, resources_dir: Path, output_dir: Path) -> None:
     write_json_atomic(output_dir / RESULT_FILE, dumps(result))
 
 
+def serve(work_dir: Path, resources_dir: Path, output_dir: Path, poll: float = 0.02) -> None:
+    """Run each subtask that appears as ``work_dir/subtask.json``, in this one process.
+
+    For backends that keep a provider between subtasks (docker): a fresh process per
+    subtask pays scikit-learn's import and the dataset load every time, 1.3 s measured in
+    the image, which is 13% of a 10 s subtask; here they are paid once per provider. The
+    requestor writes each subtask atomically (a new file); the answer is ``result.json``,
+    or ``error.txt`` if the provider itself failed, also written atomically, so the
+    file's appearance means it is complete.
+    """
+    last: bytes | None = None
+    while True:
+        try:
+            data = (work_dir / SUBTASK_FILE).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is None or data == last:
+            time.sleep(poll)
+            continue
+        last = data
+        try:
+            run_subtask(work_dir, resources_dir, output_dir)
+        except Exception as exc:  # reported as this subtask's failure; the next one may be fine
+            write_json_atomic(output_dir / ERROR_FILE, f"{type(exc).__name__}: {exc}"[:ERROR_BYTES])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mltask-provider", description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=GOLEM_WORK, help="dir holding subtask.json")
     parser.add_argument("--resources", type=Path, default=GOLEM_RESOURCES, help="dir holding the resources")
     parser.add_argument("--output", type=Path, default=GOLEM_OUTPUT, help="dir to write result.json to")
+    parser.add_argument("--serve", action="store_true", help="stay up and run every new subtask.json (docker)")
     args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.work, args.resources, args.output)
     try:
         run_subtask(args.work, args.resources, args.output)
     except TaskError as exc:

@@ -47,7 +47,8 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path) -> 
         field = "options.dataset.csv" if opts.dataset.csv else "options.dataset.npz"
         raise TaskError(field, f"{opts.dataset.file!r} is not among the resources; add its path to `resources`")
     if opts.script is not None and opts.script.file not in names:
-        raise TaskError("options.script.file", f"{opts.script.file!r} is not among the resources; add it to `resources`")
+        raise TaskError("options.script.file",
+                        f"{opts.script.file!r} is not among the resources; add it to `resources`")
     data = load_dataset(opts.dataset, resources_dir)
 
     if opts.script is not None:

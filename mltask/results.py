@@ -37,6 +37,7 @@ class Summary:
     status: str
     rows: list[dict[str, Any]]
     verification: dict[str, Any]
+    costs: dict[str, Any]  # GLM per provider and subtask (golem backend); empty elsewhere
 
     @property
     def complete(self) -> list[dict[str, Any]]:
@@ -69,6 +70,7 @@ def summarize(store: Store, status: str) -> Summary:
         status=status,
         rows=rows,
         verification=_verification(store, definition["options"].get("verification") or {}),
+        costs=json.loads(store.meta_value("costs") or "{}"),
     )
 
 
@@ -127,7 +129,7 @@ def _rank(rows: list[dict[str, Any]], direction: str) -> None:
     sign = -1.0 if direction == "maximize" else 1.0
     scores = [round(sign * r["mean_test_score"], 12) if r["state"] == "complete" else math.inf for r in rows]
     order = sorted(scores)
-    for row, score in zip(rows, scores):
+    for row, score in zip(rows, scores, strict=True):
         row["rank_test_score"] = order.index(score) + 1
 
 
@@ -144,6 +146,7 @@ def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | No
         "counts": summary.counts(),
         "best": _best_record(summary),
         "verification": summary.verification,
+        "costs": summary.costs,
         **(extra or {}),
         "trials": [{k: v for k, v in r.items() if not k.startswith("param_")} for r in summary.rows],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def run_task(
     console = console or Console(stderr=True, quiet=quiet)
     definition, base_dir = _definition(task)
     output_dir = Path(output or definition.options.output_path or Path("mltask-results") / definition.name)
+    make_backend(backend, workers, provider=definition.options.provider, image=image, golem=definition.options.golem,
+                 bid=definition.bid).check()  # before any write
     if force:
         _clear(output_dir)
     search = HyperparameterSearchTask.create(definition, base_dir, output_dir)
@@ -86,7 +89,8 @@ def resume_task(
     update = _definition(task)[0] if task is not None else None
     search = HyperparameterSearchTask.load(Path(output_dir), update=update)
     progress = search.progress()
-    _say(console, f"resuming {search.definition.name}: {progress.done + progress.failed} of {search.n_trials} trials done")
+    done = progress.done + progress.failed
+    _say(console, f"resuming {search.definition.name}: {done} of {search.n_trials} trials done")
     return _execute(search, backend, workers, image, quiet, console)
 
 
@@ -112,8 +116,10 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
     search.store.set_meta("status", "running")
     started = time.monotonic()
     status = "finished"
+    stopped: TaskError | None = None
     with make_backend(backend, workers, preload=preload_modules(search.problem),
-                      provider=search.definition.options.provider, image=image) as runner:
+                      provider=search.definition.options.provider, image=image,
+                      golem=search.definition.options.golem, bid=search.definition.bid) as runner:
         runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
         with SearchProgress(console, search.n_trials, search.definition.name, enabled=not quiet) as bar:
             bar.update(search.progress(), force=True)
@@ -121,7 +127,11 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
                 status = drive(search, runner, timeout=search.definition.timeout_seconds, on_update=bar.update)
             except KeyboardInterrupt:
                 status = "interrupted"
+            except TaskError as exc:  # no provider can go on (market timeout, budget, bans): keep what finished
+                status, stopped = "stopped", exc
             bar.update(search.progress(), force=True)
+            if runner.costs():
+                search.store.set_meta("costs", json.dumps(runner.costs()))
     search_seconds = time.monotonic() - started
     shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
     search.store.set_meta("status", status)
@@ -129,6 +139,8 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
     search.store.close()
     if status != "finished":
         _say(console, f"{status}; to carry on: mltask tasks resume {output_dir}")
+    if stopped is not None:
+        raise stopped
     return result
 
 
@@ -149,7 +161,8 @@ def finish(store: Store, output_dir: Path, console: Console, timing: dict[str, f
         _say(console, line.removeprefix("- ").replace("**", ""))
     best = summary.best
     if best is not None:
-        _say(console, f"best: trial {best['number']} {summary.scoring} = {best['mean_test_score']:.6g} {best['params']}")
+        score = f"{summary.scoring} = {best['mean_test_score']:.6g}"
+        _say(console, f"best: trial {best['number']} {score} {best['params']}")
     _say(console, f"status: {summary.status}; results in {output_dir}/ ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_FILE})")
     return RunResult(output_dir, summary, model_path)
 

@@ -31,7 +31,8 @@ class _KnownSpaceQMCSampler(optuna.samplers.QMCSampler):
     def __init__(self, space: dict[str, BaseDistribution], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._known_space = {
-            name: dist for name, dist in space.items() if not isinstance(dist, optuna.distributions.CategoricalDistribution)
+            name: dist for name, dist in space.items()
+            if not isinstance(dist, optuna.distributions.CategoricalDistribution)
         }
 
     def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, BaseDistribution]:

@@ -84,10 +84,10 @@ def _run_until_settled(
                 break
             backend.submit(provider, subtask, min(subtask_timeout, max(1.0, deadline - time.monotonic())))
             busy += 1
-        if busy == 0 and task.has_pending_subtasks():
+        if busy == 0 and task.has_pending_subtasks() and not backend.expecting_providers():
             raise TaskError(
-                "providers", "every provider was banned or dropped (see results.json); nothing can run the rest - "
-                "fix the cause and run `mltask tasks resume`"
+                "providers", f"every provider was banned or dropped (last: {task.last_exclusion()}); nothing can "
+                "run the rest - fix the cause and run `mltask tasks resume`"
             )
         for completion in backend.wait(_POLL_SECONDS):
             busy -= 1
@@ -137,6 +137,9 @@ def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Ver
     if verdict.ok:
         verified = {n: "spot" for n in verdict.spot_verified} | {n: "full" for n in verdict.fully_verified}
         task.accept(result, verified=verified)
+    elif verdict.kind == "version":  # an outdated image, not a cheat: drop it, keep its work
+        task.reject(subtask_id, f"{provider}: {verdict.reason}")
+        task.drop(provider, verdict.reason or "other versions")
     else:
         task.reject(subtask_id, f"{provider}: {verdict.reason}")
         task.ban(provider, verdict.reason or "wrong result")

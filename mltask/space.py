@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
-from optuna.trial import Trial
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-Scalar = Union[None, bool, int, float, str]
+if TYPE_CHECKING:  # Optuna is a requestor-side dependency; the provider image does without it
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import Trial
+
+Scalar = None | bool | int | float | str
 """What Optuna can store as a categorical choice and what JSON round-trips exactly."""
 
 
@@ -70,6 +67,8 @@ class IntParam(_Param):
         return self
 
     def distribution(self) -> BaseDistribution:
+        from optuna.distributions import IntDistribution
+
         return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
     def grid_values(self) -> list[Scalar]:
@@ -96,12 +95,14 @@ class FloatParam(_Param):
         return self
 
     def distribution(self) -> BaseDistribution:
+        from optuna.distributions import FloatDistribution
+
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
     def grid_values(self) -> list[Scalar] | None:
         if self.step is None:
             return None
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        n = math.floor((self.high - self.low) / self.step + 1e-9)
         # Same rounding as Optuna applies to stepped floats, so grid and samplers agree.
         return [float(round(self.low + i * self.step, 12)) for i in range(n + 1)]
 
@@ -122,6 +123,8 @@ class CategoricalParam(_Param):
         return self
 
     def distribution(self) -> BaseDistribution:
+        from optuna.distributions import CategoricalDistribution
+
         return CategoricalDistribution(self.choices)
 
     def grid_values(self) -> list[Scalar]:
@@ -233,7 +236,7 @@ class SearchSpace(RootModel[dict[str, Param]]):
         """Every grid configuration, fixed values included (for tests and benchmarks)."""
         grid = self.grid()
         fixed = self.fixed_values()
-        return [dict(zip(grid, combo), **fixed) for combo in itertools.product(*grid.values())]
+        return [dict(zip(grid, combo, strict=True), **fixed) for combo in itertools.product(*grid.values())]
 
     def sample(self, trial: Trial) -> dict[str, Scalar]:
         """One configuration from ``trial``: parameters in order, skipping inactive ones."""

@@ -282,7 +282,7 @@ class Store:
     def _dicts(self, query: str) -> list[dict[str, Any]]:
         cur = self._conn.execute(query)
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur]
+        return [dict(zip(names, row, strict=True)) for row in cur]
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -67,7 +67,6 @@ class _Pending:
     subtask: SubtaskDefinition
     provider: str
     attempt: int
-    sent_at: float
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,8 @@ class HyperparameterSearchTask:
         self.direction = direction
         self.output_dir = output_dir
         opts = definition.options
-        self.study = optuna.create_study(direction=direction, sampler=make_sampler(opts.algorithm, opts.search_space, opts.seed))
+        sampler = make_sampler(opts.algorithm, opts.search_space, opts.seed)
+        self.study = optuna.create_study(direction=direction, sampler=sampler)
         self._pending: dict[str, _Pending] = {}
         self._requeued: deque[_Batch] = deque()
         self._asked = 0  # Optuna trials asked so far
@@ -222,7 +222,8 @@ class HyperparameterSearchTask:
             for _ in range(self._next_batch_size()):
                 trial = self.study.ask()
                 params = self.definition.options.search_space.sample(trial)
-                spec = TrialSpec(number=trial.number, params=params, seed=trial_seed(self.definition.options.seed, params))
+                seed = trial_seed(self.definition.options.seed, params)
+                spec = TrialSpec(number=trial.number, params=params, seed=seed)
                 trials.append(spec)
                 new_rows.append((spec.number, spec.params, spec.seed, self._system_attrs()))
                 self._asked += 1
@@ -231,8 +232,9 @@ class HyperparameterSearchTask:
         subtask = SubtaskDefinition(
             task_id=self.task_id, subtask_id=f"s{self._sent:06d}", problem=self.problem, trials=trials
         )
-        self.store.add_subtask(subtask.subtask_id, self._sent, provider_id, attempt, [t.number for t in trials], new_rows)
-        self._pending[subtask.subtask_id] = _Pending(subtask, provider_id, attempt, time.time())
+        numbers = [t.number for t in trials]
+        self.store.add_subtask(subtask.subtask_id, self._sent, provider_id, attempt, numbers, new_rows)
+        self._pending[subtask.subtask_id] = _Pending(subtask, provider_id, attempt)
         self._update_running()
         return subtask
 
@@ -429,7 +431,8 @@ class HyperparameterSearchTask:
             p.failed += 1
             return
         p.done += 1
-        better = p.best_value is None or (value > p.best_value if self.direction == "maximize" else value < p.best_value)
+        maximize = self.direction == "maximize"
+        better = p.best_value is None or (value > p.best_value if maximize else value < p.best_value)
         if better:
             p.best_value, p.best_number, p.best_params = value, number, params
 
@@ -461,7 +464,8 @@ _UPDATABLE = ("timeout", "subtask_timeout", "bid")
 def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int) -> tuple[TaskDefinition, int]:
     """The stored task with the changes a resume may make; anything else is refused.
 
-    A resume may change the time limits, the bid and ``options.provider``, and raise
+    A resume may change the time limits, the bid, ``options.provider`` and ``options.golem``
+    (a bigger budget, another image build), and raise
     ``n_trials`` (not for grid search, whose budget is its grid): what was already
     computed stays valid under those.
     Any other change would mix results of two different searches in one study.
@@ -469,10 +473,10 @@ def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int
     old, upd = stored.model_dump(mode="json"), new.model_dump(mode="json")
     merged = dict(old, **{k: upd[k] for k in _UPDATABLE})
     new_trials = new.options.n_trials
-    # Provider resources decide where trials run, never what they score.
-    old_opts = dict(old["options"], n_trials=None, provider=None)
-    upd_opts = dict(upd["options"], n_trials=None, provider=None)
-    merged["options"] = dict(old["options"], provider=upd["options"]["provider"])
+    # Provider resources and the Golem market decide where trials run, never what they score.
+    old_opts = dict(old["options"], n_trials=None, provider=None, golem=None)
+    upd_opts = dict(upd["options"], n_trials=None, provider=None, golem=None)
+    merged["options"] = dict(old["options"], provider=upd["options"]["provider"], golem=upd["options"]["golem"])
     for key in list(upd) + list(old):
         if key in _UPDATABLE:
             continue
@@ -481,7 +485,8 @@ def compatible_update(stored: TaskDefinition, new: TaskDefinition, n_trials: int
             where = _first_difference(a, b, key)
             raise TaskError(
                 where, "differs from the task being resumed; a resume may change only timeout, subtask_timeout, "
-                "bid, options.provider and a larger options.n_trials - start a new task (--output) for anything else"
+                "bid, options.provider, options.golem and a larger options.n_trials - start a new task (--output) "
+                "for anything else"
             )
     if new_trials is not None and new_trials != n_trials:
         if stored.options.algorithm == "grid" or new_trials < n_trials:

@@ -61,7 +61,7 @@ class Verdict:
     subtask_id: str
     provider: str
     ok: bool
-    kind: str  # "structure", "best", "spot" or "none"
+    kind: str  # "structure", "version", "best", "spot" or "none"
     checked: list[tuple[int, int | None]] = field(default_factory=list)  # (trial, fold or None = all)
     reason: str | None = None
     seconds: float = 0.0
@@ -93,6 +93,14 @@ class Verifier:
               best: float | None) -> Verdict:
         """Verify ``result`` (already schema- and answer-checked) against re-runs."""
         verdict = Verdict(subtask.subtask_id, provider, ok=True, kind="none")
+        from mltask.provider import environment
+
+        mismatch = environment().mismatch(result.environment)
+        if mismatch:  # bit-for-bit comparison needs the same versions; not a lie, but unusable
+            verdict.ok, verdict.kind = False, "version"
+            verdict.reason = (f"provider runs {mismatch}: its scores cannot be compared with a re-run; "
+                              "rebuild the provider image with `mltask image build`")
+            return verdict
         for trial in result.trials:
             if trial.status == "ok" and not all(self._low <= s <= self._high for s in trial.fold_scores):
                 verdict.ok, verdict.kind = False, "structure"

@@ -20,7 +20,7 @@ def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
     votes = np.zeros((len(X_valid), len(classes)))
     for row, neighbours in enumerate(nearest):
         weights = 1.0 / (dist[row, neighbours] + 1e-12) if params["weighting"] == "distance" else np.ones(k)
-        for label, weight in zip(y_train[neighbours], weights):
+        for label, weight in zip(y_train[neighbours], weights, strict=True):
             votes[row, np.searchsorted(classes, label)] += weight
     predictions = classes[votes.argmax(axis=1)]
     return float(np.mean(predictions == y_valid)), predictions

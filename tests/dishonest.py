@@ -122,6 +122,12 @@ def nothing(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random)
     return None
 
 
+def outdated(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Not a cheat: an honest provider on an image built with another scikit-learn."""
+    doc["environment"]["sklearn"] = "0.24.2"
+    return doc
+
+
 def sometimes(cheat: Cheat, fraction: float) -> Cheat:
     """Cheat on a ``fraction`` of subtasks only, to stay under the radar."""
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from mltask.definition import parse_definition
 from mltask.errors import TaskError
 from mltask.protocol import (
+    ERROR_FILE,
     RESULT_FILE,
     SUBTASK_FILE,
     MissingResult,
@@ -22,6 +24,7 @@ from mltask.protocol import (
     dumps,
     read_result,
     result_size_limit,
+    write_json_atomic,
 )
 from mltask.provider import check_resources, evaluate_subtask
 from mltask.task import HyperparameterSearchTask
@@ -181,3 +184,35 @@ def test_provider_entry_point_refuses_a_bad_subtask(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mltask.provider", "--work", str(tmp_path), "--resources",
                            str(tmp_path), "--output", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "bad subtask" in proc.stderr and not (tmp_path / RESULT_FILE).exists()
+
+
+def test_serve_mode_answers_each_new_subtask_and_reports_its_own_failures(answered, tmp_path: Path) -> None:
+    task, subtask, doc = answered
+    work, output = tmp_path / "work", tmp_path / "output"
+    work.mkdir()
+    output.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mltask.provider", "--serve", "--work", str(work), "--resources",
+                             str(task.resources_dir), "--output", str(output)])
+
+    def answer(name: str) -> Path:
+        deadline = time.monotonic() + 60
+        while not (output / name).exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the serving provider did not answer"
+            time.sleep(0.02)
+        return output / name
+
+    try:
+        write_json_atomic(work / SUBTASK_FILE, dumps(subtask))
+        answer(RESULT_FILE)
+        assert [t.fold_scores for t in read_result(output, subtask).trials] == [t["fold_scores"] for t in doc["trials"]]
+        (output / RESULT_FILE).unlink()
+        write_json_atomic(work / SUBTASK_FILE, '{"protocol": 1}')  # the next one is broken: it says so, stays up
+        assert "ValidationError" in answer(ERROR_FILE).read_text()
+        (output / ERROR_FILE).unlink()
+        second = task.next_subtask("p")
+        write_json_atomic(work / SUBTASK_FILE, dumps(second))
+        answer(RESULT_FILE)
+        assert read_result(output, second).subtask_id == second.subtask_id
+    finally:
+        proc.kill()
+        proc.wait()

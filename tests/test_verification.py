@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from mltask.backends.local import LocalBackend
+from mltask.errors import TaskError
 from mltask.runner import finish, run_task
-from tests.dishonest import CHEATS, fake_best, inflate, run_inline, sometimes
+from tests.dishonest import CHEATS, fake_best, inflate, outdated, run_inline, sometimes
 from tests.support import results, task_dict
 
 STRUCTURAL = {"skip_trial", "other_subtask", "malformed", "huge"}
@@ -129,3 +130,17 @@ def test_real_worker_processes_have_identities_and_the_liar_is_banned(tmp_path: 
 def test_inline_backend_is_the_honest_provider(tmp_path: Path, honest: dict) -> None:
     task, _, _ = run_inline(_search(), tmp_path / "out", {"solo": None})
     assert _scores(task) == honest
+
+
+def test_provider_on_other_versions_is_dropped_not_banned(tmp_path: Path, honest: dict) -> None:
+    task, _, status = run_inline(_search(), tmp_path / "out", {"honest": None, "old": outdated})
+    assert status == "finished" and task.store.bans() == {}
+    reason = json.loads(task.store.meta_value("dropped"))["old"]
+    assert "sklearn 0.24.2" in reason and "mltask image build" in reason
+    assert [v["kind"] for v in task.store.verdicts() if not v["ok"]] == ["version"]
+    assert _scores(task) == honest
+
+
+def test_no_provider_on_the_right_versions_says_how_to_fix_it(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match="mltask image build"):
+        run_inline(_search(), tmp_path / "out", {"old": outdated})

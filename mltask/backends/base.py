@@ -25,14 +25,47 @@ class Completion:
     error: str | None = None
 
 
+@dataclass
+class Slot:
+    """A provider on this machine: its private Golem-layout dirs and the subtask it runs."""
+
+    name: str
+    root: Path
+    subtask: SubtaskDefinition | None = None
+    deadline: float = 0.0
+    timeout: float = 0.0
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+
 class Backend(abc.ABC):
     """Runs subtasks on providers; ``submit`` never blocks, ``wait`` collects what ended."""
 
     name: str
 
+    def check(self) -> None:  # noqa: B027 - most backends have nothing to check
+        """Fail fast, before a task writes any state, if this backend cannot run (no daemon...)."""
+
     @abc.abstractmethod
     def start(self, resources_dir: Path, scratch_dir: Path) -> None:
         """Bring providers up; ``resources_dir`` is sent (or mounted) read-only."""
+
+    def expecting_providers(self) -> bool:
+        """Whether providers may still come (a market being searched) when none is idle.
+
+        Raises :class:`~mltask.errors.TaskError` once the backend knows none will come.
+        """
+        return False
+
+    def costs(self) -> dict[str, object]:
+        """What running the subtasks cost, for the results (empty where nothing is paid)."""
+        return {}
 
     @abc.abstractmethod
     def idle_providers(self) -> list[str]:

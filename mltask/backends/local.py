@@ -17,12 +17,12 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mltask.backends.base import Backend, Completion
+from mltask.backends.base import Backend, Completion, Slot
 from mltask.protocol import SUBTASK_FILE, SubtaskDefinition, dumps, write_json_atomic
 
 
@@ -47,25 +47,11 @@ def _worker_main(conn: Connection, resources_dir: Path, work_dir: Path, output_d
 
 
 @dataclass
-class _Slot:
-    """One provider: a worker process and its private dirs."""
+class _Slot(Slot):
+    """One provider: a worker process, the pipe to it, and its dirs."""
 
-    name: str
-    root: Path
     process: Any = None
     conn: Connection | None = None
-    subtask: SubtaskDefinition | None = None
-    deadline: float = 0.0
-    timeout: float = 0.0
-    restarts: int = field(default=0)
-
-    @property
-    def work(self) -> Path:
-        return self.root / "work"
-
-    @property
-    def output(self) -> Path:
-        return self.root / "output"
 
 
 class LocalBackend(Backend):
@@ -101,7 +87,6 @@ class LocalBackend(Backend):
             slot.process.kill()
         slot.process.join()
         slot.conn.close()
-        slot.restarts += 1
         self._spawn(slot)
 
     def idle_providers(self) -> list[str]:

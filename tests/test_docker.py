@@ -1,0 +1,181 @@
+"""The docker backend on the real provider image: a search, a hang, a kill, malicious results.
+
+Marked ``docker``: they need the daemon and ``mltask-provider:<version>`` (``.ci/docker.sh``
+builds both). Without them they are skipped with a banner, except in CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mltask import run_task
+from mltask.backends.docker import LABEL, DockerBackend
+from mltask.definition import parse_definition
+from mltask.image import docker_client
+from mltask.scheduler import make_verifier, settle
+from mltask.task import HyperparameterSearchTask
+from tests.support import results, run_cli, task_dict, write_task
+
+SCRIPT = '''
+import os, socket, time
+
+def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
+    k, mode = params["k"], params["mode"]
+    if mode == "hang" and k == 3:
+        time.sleep(600)
+    if mode == "slow":
+        time.sleep(1.0)
+    if mode == "escape":  # each way out that works adds a bit to the score; 0 means sandboxed
+        score = 0
+        try:
+            socket.create_connection(("1.1.1.1", 53), timeout=2).close()
+            score += 1
+        except OSError:
+            pass
+        for i, path in enumerate(["/golem/resources/planted", "/etc/planted", "/golem/work/planted"]):
+            try:
+                open(path, "w").close()
+                score += 2 << i
+            except OSError:
+                pass
+        return float(score + (16 if os.getuid() == 0 else 0))
+    if mode in ("symlink", "huge"):
+        if mode == "symlink":
+            os.symlink("/etc/passwd", "/golem/output/result.json")
+        else:
+            with open("/golem/output/.result.json.tmp", "w") as fh:
+                fh.write("[" + "1," * 20_000_000 + "1]")
+            os.replace("/golem/output/.result.json.tmp", "/golem/output/result.json")
+        os._exit(0)  # skip writing the honest result
+    return float(k)
+'''
+
+def _script_task(tmp_path: Path, mode: str, n: int = 6, subtasks: int = 3, **envelope: Any) -> dict:
+    (tmp_path / "train.py").write_text(SCRIPT)
+    data = task_dict(estimator=None, scoring=None, script={"file": "train.py"}, algorithm="grid", n_trials=None,
+                     search_space={"k": list(range(n)), "mode": mode}, max_attempts=2)
+    data.update(resources=["train.py"], subtasks_count=subtasks, **envelope)
+    return data
+
+
+def _leftover_containers() -> list[Any]:
+    return docker_client().containers.list(all=True, filters={"label": LABEL})
+
+
+@pytest.mark.docker
+def test_search_in_containers_matches_the_local_backend(provider_image: str, tmp_path: Path) -> None:
+    data = task_dict(n_trials=8)
+    run_task(data, backend="docker", workers=2, image=provider_image, output=tmp_path / "docker", quiet=True)
+    run_task(data, backend="local", workers=2, output=tmp_path / "local", quiet=True)
+    docker_doc, local_doc = results(tmp_path / "docker"), results(tmp_path / "local")
+    assert docker_doc["status"] == "finished" and docker_doc["counts"]["complete"] == 8
+
+    def scores(doc: dict) -> dict:
+        return {t["number"]: (t["params"], t["mean_test_score"]) for t in doc["trials"]}
+
+    assert scores(docker_doc) == scores(local_doc)
+    verification = docker_doc["verification"]
+    assert verification["rejected_subtasks"] == 0 and verification["banned_providers"] == {}
+    assert all(t["provider"].startswith("docker-") for t in docker_doc["trials"])
+    assert not _leftover_containers()
+
+
+@pytest.mark.docker
+def test_container_is_sandboxed(provider_image: str, tmp_path: Path) -> None:
+    data = _script_task(tmp_path, "escape", n=2, subtasks=1)
+    # The requestor's re-run could escape (root, a network), so its scores would differ: no checks here.
+    data["options"]["verification"] = {"sample_rate": 0, "verify_best": False}
+    run_task(write_task(tmp_path, data), backend="docker", workers=1, image=provider_image,
+             output=tmp_path / "out", quiet=True)
+    assert [t["mean_test_score"] for t in results(tmp_path / "out")["trials"]] == [0.0, 0.0]
+
+
+@pytest.mark.docker
+def test_hanging_subtask_is_killed_and_its_trial_fails_alone(provider_image: str, tmp_path: Path) -> None:
+    data = _script_task(tmp_path, "hang", n=6, subtasks=3, subtask_timeout="00:00:06")
+    run_task(write_task(tmp_path, data), backend="docker", workers=2, image=provider_image,
+             output=tmp_path / "out", quiet=True)
+    trials = {t["params"]["k"]: t for t in results(tmp_path / "out")["trials"]}
+    assert trials[3]["state"] == "failed" and "timed out" in trials[3]["error"]
+    assert all(trials[k]["mean_test_score"] == k for k in (0, 1, 2, 4, 5))
+    assert not _leftover_containers()
+
+
+@pytest.mark.docker
+def test_killed_container_is_replaced_and_its_subtask_sent_again(provider_image: str, tmp_path: Path) -> None:
+    data = _script_task(tmp_path, "slow", n=6, subtasks=6)
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    backend = DockerBackend(workers=2, image=provider_image)
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while backend._slots[0].subtask is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        backend._slots[0].container.kill()
+
+    from mltask.scheduler import drive
+
+    with backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        threading.Thread(target=killer).start()
+        assert drive(task, backend, timeout=300) == "finished"
+    reasons = [s["reason"] or "" for s in task.store.subtasks() if s["state"] == "rejected"]
+    assert any("container died" in r for r in reasons), reasons
+    assert task.progress().done == 6 and task.progress().failed == 0
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("mode", "why"), [("symlink", "links are refused"), ("huge", "larger than")])
+def test_malicious_result_is_refused_and_its_provider_banned(
+    provider_image: str, tmp_path: Path, mode: str, why: str
+) -> None:
+    task = HyperparameterSearchTask.create(parse_definition(_script_task(tmp_path, mode, n=2, subtasks=1)),
+                                           tmp_path, tmp_path / "out")
+    with DockerBackend(workers=1, image=provider_image) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        backend.submit("docker-0", task.next_subtask("docker-0"), 120)
+        done: list = []
+        while not done:
+            done = backend.wait(1.0)
+        settle(task, done[0], make_verifier(task))
+    assert "docker-0" in task.store.bans()
+    [subtask] = task.store.subtasks()
+    assert subtask["state"] == "rejected" and why in subtask["reason"]
+    assert task.progress().done == 0
+
+
+@pytest.mark.docker
+def test_leftover_containers_of_a_killed_requestor_are_removed(provider_image: str, tmp_path: Path) -> None:
+    task = HyperparameterSearchTask.create(parse_definition(task_dict()), tmp_path, tmp_path / "out")
+    crashed = DockerBackend(workers=2, image=provider_image)
+    crashed.start(task.resources_dir, tmp_path / "scratch")  # never closed, as after kill -9
+    assert len(_leftover_containers()) == 2
+    with DockerBackend(workers=1, image=provider_image) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        assert len(_leftover_containers()) == 1
+    assert not _leftover_containers()
+
+
+@pytest.mark.docker
+def test_missing_image_names_the_build_command(provider_image: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    task = write_task(tmp_path, task_dict())
+    code, _, err = run_cli(["tasks", "create", str(task), "--backend", "docker", "--image", "mltask-provider:nope",
+                            "--output", str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 2 and "mltask image build --tag mltask-provider:nope" in err and err.count("\n") == 1
+
+
+def test_unreachable_daemon_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    task = write_task(tmp_path, task_dict())
+    code, _, err = run_cli(["tasks", "create", str(task), "--backend", "docker", "--output", str(tmp_path / "out"),
+                            "--quiet"], capsys)
+    assert code == 2 and "cannot reach the Docker daemon" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # checked before anything is created
