@@ -89,7 +89,7 @@ def test_golem_command_sequence_runs_subtasks_in_the_real_image(provider_image: 
             unit.execute(subtask_commands(sent, answer / "result.json"))
             result = read_result(answer, subtask)
             assert verifier.check(subtask, result, "golem-test", None).ok
-            assert [t.mean_score for t in result.trials] == [t.params["k"] / 10 for t in subtask.trials]
+            assert [t.mean_score for t in result.trials] == pytest.approx([t.params["k"] / 10 for t in subtask.trials])
     finally:
         unit.close()
     assert unit.log[:3] == ["Deploy", "Start", "SendFile"] and unit.log.count("Deploy") == 1
