@@ -46,6 +46,7 @@ from mltask.protocol import RESULT_FILE, SUBTASK_FILE, SubtaskDefinition, dumps,
 
 _USAGE_DURATION = "golem.usage.duration_sec"
 _USAGE_CPU = "golem.usage.cpu_sec"
+_INVOICE_WAIT_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class GolemBackend(Backend):
         self._due: dict[str, float] = {}  # agreement id -> GLM billed so far
         self._spent_by: dict[str, float] = {}  # provider -> GLM billed
         self._released: dict[str, str] = {}  # agreement id -> provider, after we let it go
+        self._invoiced: set[str] = set()  # agreement ids whose invoice we accepted
         self._resources: list[Path] = []
         self._scratch = Path()
 
@@ -251,6 +253,8 @@ class GolemBackend(Backend):
         self._due[data.agreement_id] = max(amount, self._due.get(data.agreement_id, 0.0))
         self._spent_by[provider] = self._due[data.agreement_id]
         await _quietly(document.accept_full(self._allocation))
+        if isinstance(document, Invoice):
+            self._invoiced.add(data.agreement_id)
 
     async def _search_market(self) -> None:
         """Engage providers from the offers until ``workers`` are busy; runs all along."""
@@ -429,6 +433,10 @@ class GolemBackend(Backend):
             self._market.cancel()
         for slot in list(self._providers.values()):
             await self._release(slot, "task finished")
+        # Providers invoice after the agreement ends; pay them before leaving.
+        deadline = time.monotonic() + _INVOICE_WAIT_SECONDS
+        while set(self._released) - self._invoiced and time.monotonic() < deadline:
+            await asyncio.sleep(1)
         if self._node is not None:
             await _quietly(self._node.aclose())
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
