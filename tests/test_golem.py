@@ -212,7 +212,7 @@ def test_offers_above_the_bid_or_from_excluded_providers_are_rejected() -> None:
         asyncio.run(backend._consider(offer))
     assert engaged == ["0xa"]
     assert [o.rejected for o in offers] == [None, "above 0.5 GLM/h", "no linear price", "excluded"]
-    assert backend._offers == {"seen": 4, "above_bid": 1, "unpriced": 1}
+    assert backend._offers == {"seen": 4, "above_bid": 1, "unpriced": 1, "failed": 0}
 
 
 def test_budget_refuses_a_subtask_that_could_pass_it() -> None:
@@ -260,3 +260,24 @@ def test_failed_provider_is_let_go_and_never_engaged_again(tmp_path: Path) -> No
     time.sleep(0.2)
     loop.call_soon_threadsafe(loop.stop)
     assert released == ["activity", "agreement: subtask failed"]
+
+
+def test_a_failed_negotiation_does_not_end_the_market_search() -> None:
+    backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
+    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}
+    engaged: list[str] = []
+
+    async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
+        if provider_id == "0xbad":
+            raise RuntimeError("agreement not approved")
+        engaged.append(provider_id)
+
+    class _Demand:
+        async def initial_proposals(self) -> Any:
+            for issuer in ("0xbad", "0xgood"):
+                yield _Proposal(issuer, cheap)
+
+    backend._engage = engage  # type: ignore[method-assign]
+    backend._demand = _Demand()
+    asyncio.run(backend._search_market())
+    assert engaged == ["0xgood"] and backend._offers["failed"] == 1 and backend._fatal is None

@@ -47,6 +47,7 @@ from mltask.protocol import RESULT_FILE, SUBTASK_FILE, SubtaskDefinition, dumps,
 _USAGE_DURATION = "golem.usage.duration_sec"
 _USAGE_CPU = "golem.usage.cpu_sec"
 _INVOICE_WAIT_SECONDS = 60
+_NEGOTIATION_SECONDS = 300  # offer to a provider ready with the resources
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class GolemBackend(Backend):
         self._market: Any = None
         self._market_deadline = 0.0
         self._fatal: TaskError | None = None
-        self._offers = {"seen": 0, "above_bid": 0, "unpriced": 0}
+        self._offers = {"seen": 0, "above_bid": 0, "unpriced": 0, "failed": 0}
         self._costs: dict[str, float] = {}  # subtask id -> estimated GLM (price x time)
         self._due: dict[str, float] = {}  # agreement id -> GLM billed so far
         self._spent_by: dict[str, float] = {}  # provider -> GLM billed
@@ -263,7 +264,12 @@ class GolemBackend(Backend):
                 if len(self._providers) >= self.workers:
                     await _quietly(proposal.reject("enough providers"))
                     continue
-                await self._consider(proposal)
+                try:
+                    await asyncio.wait_for(self._consider(proposal), timeout=_NEGOTIATION_SECONDS)
+                except TaskError:
+                    raise
+                except Exception:  # one provider's negotiation failed or stalled: on to the next offer
+                    self._offers["failed"] += 1
         except TaskError as exc:
             self._fatal = exc
 
