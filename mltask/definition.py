@@ -169,8 +169,13 @@ class GolemOptions(_Strict):
         default=None, pattern=r"^https?://\S+$", max_length=500,
         description="Where providers download the .gvmi; default: the Golem image registry.",
     )
-    subnet: str = Field(default="public", pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="Golem subnet tag.")
-    payment_driver: str = Field(default="erc20", pattern=r"^[a-z0-9\-]{1,32}$", description="Payment driver.")
+    subnet: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="Golem subnet; default $YAGNA_SUBNET or public."
+    )
+    payment_driver: str | None = Field(
+        default=None, pattern=r"^[a-z0-9\-]{1,32}$",
+        description="Payment driver; default $YAGNA_PAYMENT_DRIVER or erc20.",
+    )
     payment_network: str | None = Field(
         default=None, pattern=r"^[a-z0-9\-]{1,32}$",
         description="Payment network; default $YAGNA_PAYMENT_NETWORK or holesky (a testnet).",

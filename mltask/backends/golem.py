@@ -132,7 +132,10 @@ class GolemBackend(Backend):
         self.limits = provider or ProviderOptions()
         self.options = golem or GolemOptions()
         self.bid = bid
+        # As golem-core and yapapi do: the task's choice, else the usual YAGNA_* environment.
         self.network = self.options.payment_network or os.environ.get("YAGNA_PAYMENT_NETWORK", "holesky")
+        self.driver = self.options.payment_driver or os.environ.get("YAGNA_PAYMENT_DRIVER", "erc20")
+        self.subnet = self.options.subnet or os.environ.get("YAGNA_SUBNET", "public")
         self.budget = Budget(self.options.budget)
         self._app_key = os.environ.get("YAGNA_APPKEY", "")
         self._providers: dict[str, _Provider] = {}
@@ -157,7 +160,7 @@ class GolemBackend(Backend):
     @property
     def platform(self) -> str:
         token = "glm" if self.network in ("mainnet", "polygon") else "tglm"
-        return f"{self.options.payment_driver}-{self.network}-{token}"
+        return f"{self.driver}-{self.network}-{token}"
 
     def check(self) -> None:
         if not self.options.image_hash:
@@ -184,7 +187,7 @@ class GolemBackend(Backend):
         if not any(a.get("platform") == self.platform and a.get("send") for a in accounts):
             raise TaskError(
                 "options.golem.payment_network", f"yagna ({me.get('identity')}) has no {self.platform} account to "
-                f"pay from; run `yagna payment init --sender --driver {self.options.payment_driver} --network "
+                f"pay from; run `yagna payment init --sender --driver {self.driver} --network "
                 f"{self.network}` (and fund it, e.g. `yagna payment fund --network {self.network}` on a testnet)"
             )
         self._identity = me["identity"]
@@ -226,7 +229,7 @@ class GolemBackend(Backend):
         builder = DemandBuilder()
         expiration = datetime.now(timezone.utc) + timedelta(hours=6)
         await builder.add(ActivityInfo(expiration=expiration, multi_activity=True))
-        await builder.add(NodeInfo(subnet_tag=self.options.subnet))
+        await builder.add(NodeInfo(subnet_tag=self.subnet))
         await builder.add(payload)
         # The payment platform, as an allocation would add it: the allocation itself waits
         # for the first agreement, since creating one needs the payment network.
@@ -311,10 +314,10 @@ class GolemBackend(Backend):
 
         try:
             return await self._node.create_allocation(self.options.budget, network=self.network,
-                                                      driver=self.options.payment_driver)
+                                                      driver=self.driver)
         except NoMatchingAccount:
             raise TaskError("options.golem.payment_network", f"yagna has no {self.platform} account; run `yagna "
-                            f"payment init --sender --driver {self.options.payment_driver} --network "
+                            f"payment init --sender --driver {self.driver} --network "
                             f"{self.network}`") from None
         except ApiException as exc:
             try:
@@ -365,7 +368,7 @@ class GolemBackend(Backend):
                 "options.golem.market_timeout",
                 f"no provider within {self.options.market_timeout} for image {self.options.image_hash[:12]}... with "
                 f">= {self.limits.memory_gib:g} GiB, >= {self.limits.cpus:g} CPU threads, <= {self.bid:g} GLM/h on "
-                f"subnet {self.options.subnet!r} ({seen['seen']} offers, {seen['above_bid']} above the bid); raise "
+                f"subnet {self.subnet!r} ({seen['seen']} offers, {seen['above_bid']} above the bid); raise "
                 "bid or market_timeout, or check providers can download the image, then `mltask tasks resume`",
             )
         return True
