@@ -62,8 +62,7 @@ def run_task(
     console = console or Console(stderr=True, quiet=quiet)
     definition, base_dir = _definition(task)
     output_dir = Path(output or definition.options.output_path or Path("mltask-results") / definition.name)
-    make_backend(backend, workers, provider=definition.options.provider, image=image, golem=definition.options.golem,
-                 bid=definition.bid).check()  # before any write
+    make_backend(backend, workers, definition, image=image).check()  # before any write
     if force:
         _clear(output_dir)
     search = HyperparameterSearchTask.create(definition, base_dir, output_dir)
@@ -117,9 +116,8 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
     started = time.monotonic()
     status = "finished"
     stopped: TaskError | None = None
-    with make_backend(backend, workers, preload=preload_modules(search.problem),
-                      provider=search.definition.options.provider, image=image,
-                      golem=search.definition.options.golem, bid=search.definition.bid) as runner:
+    with make_backend(backend, workers, search.definition, image=image,
+                      preload=preload_modules(search.problem)) as runner:
         runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
         with SearchProgress(console, search.n_trials, search.definition.name, enabled=not quiet) as bar:
             bar.update(search.progress(), force=True)
@@ -130,8 +128,9 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
             except TaskError as exc:  # no provider can go on (market timeout, budget, bans): keep what finished
                 status, stopped = "stopped", exc
             bar.update(search.progress(), force=True)
-            if runner.costs():
-                search.store.set_meta("costs", json.dumps(runner.costs()))
+            costs = runner.costs()
+            if costs:
+                search.store.set_meta("costs", json.dumps(costs))
     search_seconds = time.monotonic() - started
     shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
     search.store.set_meta("status", status)

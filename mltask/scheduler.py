@@ -137,9 +137,9 @@ def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Ver
     if verdict.ok:
         verified = {n: "spot" for n in verdict.spot_verified} | {n: "full" for n in verdict.fully_verified}
         task.accept(result, verified=verified)
-    elif verdict.kind == "version":  # an outdated image, not a cheat: drop it, keep its work
-        task.reject(subtask_id, f"{provider}: {verdict.reason}")
-        task.drop(provider, verdict.reason or "other versions")
     else:
         task.reject(subtask_id, f"{provider}: {verdict.reason}")
-        task.ban(provider, verdict.reason or "wrong result")
+        if verdict.kind == "version":  # an outdated image, not a cheat: drop it, keep its work
+            task.drop(provider, verdict.reason or "other versions")
+        else:
+            task.ban(provider, verdict.reason or "wrong result")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from mltask.definition import VerificationOptions
 from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialResult, TrialSpec, subtask_folds
+from mltask.provider import check_resources, environment, evaluator_for, one_thread
 
 # Scores a scorer can produce; a claim outside is a lie without re-running anything.
 _UNIT_INTERVAL = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "jaccard",
@@ -93,8 +94,6 @@ class Verifier:
               best: float | None) -> Verdict:
         """Verify ``result`` (already schema- and answer-checked) against re-runs."""
         verdict = Verdict(subtask.subtask_id, provider, ok=True, kind="none")
-        from mltask.provider import environment
-
         mismatch = environment().mismatch(result.environment)
         if mismatch:  # bit-for-bit comparison needs the same versions; not a lie, but unusable
             verdict.ok, verdict.kind = False, "version"
@@ -158,8 +157,6 @@ class Verifier:
     def _rerun(self, specs: dict[int, TrialSpec], claimed: dict[int, TrialResult],
                plan: list[tuple[int, int | None]]) -> str | None:
         """Re-run ``plan`` on the requestor; the first disagreement with the claims, or ``None``."""
-        from mltask.provider import check_resources, evaluator_for, one_thread
-
         check_resources(self.problem.resources, self.resources_dir)
         evaluator = evaluator_for(self.problem, self.resources_dir)
         with one_thread():

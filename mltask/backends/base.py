@@ -9,10 +9,12 @@ way, so local, docker and golem runs share all the policy.
 from __future__ import annotations
 
 import abc
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mltask.protocol import SubtaskDefinition
+from mltask.protocol import SUBTASK_FILE, SubtaskDefinition, dumps, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,22 @@ class Slot:
     @property
     def output(self) -> Path:
         return self.root / "output"
+
+    def hand(self, subtask: SubtaskDefinition, timeout: float) -> None:
+        """Give this provider ``subtask``: its dirs hold nothing but the new subtask.json."""
+        empty(self.work)
+        empty(self.output)
+        write_json_atomic(self.work / SUBTASK_FILE, dumps(subtask))
+        self.subtask, self.timeout, self.deadline = subtask, timeout, time.monotonic() + timeout
+
+
+def empty(directory: Path) -> None:
+    """Remove what is in a dir but keep the dir (a container's bind mount points at it)."""
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class Backend(abc.ABC):
@@ -88,3 +106,17 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SlotBackend(Backend):
+    """A backend whose providers are :class:`Slot` s on this machine (processes, containers)."""
+
+    _slots: list
+
+    def idle_providers(self) -> list[str]:
+        return [s.name for s in self._slots if s.subtask is None]
+
+    def _idle_slot(self, provider: str) -> Slot:
+        slot = next(s for s in self._slots if s.name == provider)
+        assert slot.subtask is None, f"{provider} is busy"
+        return slot

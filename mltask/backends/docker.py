@@ -19,13 +19,12 @@ running after its resume.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mltask.backends.base import Backend, Completion, Slot
+from mltask.backends.base import Completion, Slot, SlotBackend, empty
 from mltask.definition import ProviderOptions
 from mltask.errors import TaskError
 from mltask.image import DEFAULT_TAG, docker_client
@@ -36,9 +35,7 @@ from mltask.protocol import (
     SUBTASK_FILE,
     ResultError,
     SubtaskDefinition,
-    dumps,
     read_bounded,
-    write_json_atomic,
 )
 
 LABEL = "org.mltask.scratch"
@@ -54,7 +51,7 @@ class _Slot(Slot):
     next_liveness: float = 0.0
 
 
-class DockerBackend(Backend):
+class DockerBackend(SlotBackend):
     name = "docker"
 
     def __init__(self, workers: int | None = None, provider: ProviderOptions | None = None,
@@ -111,22 +108,15 @@ class DockerBackend(Backend):
 
     def _replace(self, slot: _Slot) -> None:
         _remove(slot.container)
-        _empty(slot.work)  # or the new container would run the abandoned subtask again
+        empty(slot.work)  # or the new container would run the abandoned subtask again
         self._start_container(slot)
 
-    def idle_providers(self) -> list[str]:
-        return [s.name for s in self._slots if s.subtask is None]
-
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
-        slot = next(s for s in self._slots if s.name == provider)
-        assert slot.subtask is None, f"{provider} is busy"
+        slot = self._idle_slot(provider)
         if not self._container_running(slot):  # died while idle (killed, OOM): nothing was lost
             self._replace(slot)
-        _empty(slot.work)
-        _empty(slot.output)
-        write_json_atomic(slot.work / SUBTASK_FILE, dumps(subtask))
-        os.chmod(slot.work / SUBTASK_FILE, 0o644)
-        slot.subtask, slot.timeout, slot.deadline = subtask, timeout, time.monotonic() + timeout
+        slot.hand(subtask, timeout)
+        os.chmod(slot.work / SUBTASK_FILE, 0o644)  # readable by the image's user whatever our umask
 
     def wait(self, timeout: float) -> list[Completion]:
         end = time.monotonic() + timeout
@@ -174,15 +164,6 @@ class DockerBackend(Backend):
         for slot in self._slots:
             _remove(slot.container)
         self._slots = []
-
-
-def _empty(directory: Path) -> None:
-    """Remove what is in a bind-mounted dir, keeping the dir (the mount points at it)."""
-    for entry in directory.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def _present(path: Path) -> bool:

@@ -2,7 +2,7 @@
 
 golem-core is asynchronous and the :class:`~mltask.backends.base.Backend` interface is not,
 so the Golem side lives in one asyncio loop on a thread of its own; ``submit`` schedules
-work there and ``wait`` collects what it reports through a queue.
+work there and ``wait`` collects the futures that ended.
 
 The market: one demand for the provider image (``RepositoryVmPayload`` with the image hash
 and URL, memory, storage and CPU threads from ``options.provider``) on the subnet, with
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import threading
 import time
 import urllib.error
@@ -140,7 +139,6 @@ class GolemBackend(Backend):
         self._app_key = os.environ.get("YAGNA_APPKEY", "")
         self._providers: dict[str, _Provider] = {}
         self._excluded: set[str] = set()  # provider ids not to engage again
-        self._events: queue.Queue[Completion] = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._node: Any = None
         self._demand: Any = None
@@ -407,10 +405,11 @@ class GolemBackend(Backend):
         seconds = time.monotonic() - slot.started
         cost = self.budget.worst_case(slot.price, seconds, slot.subtasks == 1)
         self._costs[subtask.subtask_id] = round(cost, 6)
-        error = None if slot.future.done() and slot.future.exception() is None else (
-            f"{type(slot.future.exception()).__name__}: {slot.future.exception()}" if slot.future.done()
-            else f"timed out after {slot.deadline - slot.started:g} s")
-        if error is None:
+        if not slot.future.done():
+            error = f"timed out after {slot.deadline - slot.started:g} s"
+        elif slot.future.exception() is not None:
+            error = f"{type(slot.future.exception()).__name__}: {slot.future.exception()}"
+        else:
             return Completion(slot.name, subtask, self._scratch / slot.name / subtask.subtask_id)
         # A provider that failed is let go; the market finds another.
         del self._providers[slot.name]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mltask.backends.base import Backend, Completion, Slot
-from mltask.protocol import SUBTASK_FILE, SubtaskDefinition, dumps, write_json_atomic
+from mltask.backends.base import Completion, Slot, SlotBackend
+from mltask.protocol import SubtaskDefinition
 
 
 def _worker_main(conn: Connection, resources_dir: Path, work_dir: Path, output_dir: Path) -> None:
@@ -54,7 +53,7 @@ class _Slot(Slot):
     conn: Connection | None = None
 
 
-class LocalBackend(Backend):
+class LocalBackend(SlotBackend):
     name = "local"
 
     def __init__(self, workers: int | None = None, preload: tuple[str, ...] = ()) -> None:
@@ -89,20 +88,12 @@ class LocalBackend(Backend):
         slot.conn.close()
         self._spawn(slot)
 
-    def idle_providers(self) -> list[str]:
-        return [s.name for s in self._slots if s.subtask is None]
-
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
-        slot = next(s for s in self._slots if s.name == provider)
-        assert slot.subtask is None, f"{provider} is busy"
+        slot = self._idle_slot(provider)
         if not slot.process.is_alive():  # died while idle (killed, OOM): nothing was lost
             slot.process.join()
             self._restart(slot)
-        for directory in (slot.work, slot.output):  # nothing of the last subtask may linger
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True)
-        write_json_atomic(slot.work / SUBTASK_FILE, dumps(subtask))
-        slot.subtask, slot.timeout, slot.deadline = subtask, timeout, time.monotonic() + timeout
+        slot.hand(subtask, timeout)
         try:
             slot.conn.send(subtask.subtask_id)
         except OSError:  # died just now: wait() reports it as this subtask's failure
