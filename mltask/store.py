@@ -13,6 +13,7 @@ provider's result once accepted), ``subtasks`` (one row per batch sent, with its
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -108,15 +109,28 @@ class Store:
 
     @classmethod
     def create(cls, path: Path, meta: dict[str, str]) -> Store:
+        """Write a new state file whole, then move it into place.
+
+        Built beside and renamed, ``state.db`` never exists without its tables and meta: a
+        requestor killed while creating leaves no half-made task for a resume to refuse.
+        """
         if path.exists():  # the task checks first, with advice; this guards the file itself
             raise FileExistsError(path)
-        store = cls(_connect(path), path)
-        store._conn.executescript(_SCHEMA)
-        with store.transaction() as cur:
-            cur.executemany(
+        draft = path.with_name(f".{path.name}.new")
+        draft.unlink(missing_ok=True)  # left by a create that was killed
+        conn = _connect(draft)
+        try:
+            conn.executescript(_SCHEMA)
+            conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)", [("schema_version", str(SCHEMA_VERSION)), *meta.items()]
             )
-        return store
+        except BaseException:
+            conn.close()
+            draft.unlink(missing_ok=True)
+            raise
+        conn.close()
+        os.replace(draft, path)
+        return cls(_connect(path), path)
 
     @classmethod
     def open(cls, path: Path) -> Store:

@@ -188,6 +188,19 @@ def test_resume_refuses_a_broken_state_and_changes_nothing(
         assert db.read_bytes() == before
 
 
+def test_state_file_appears_only_whole(tmp_path: Path) -> None:
+    """Regression: state.db existed without its tables while being created (seen by a reader)."""
+    from mltask.store import Store
+
+    with pytest.raises(sqlite3.IntegrityError):  # the meta insert fails after the tables exist
+        Store.create(tmp_path / "state.db", {"schema_version": "0"})
+    assert list(tmp_path.iterdir()) == []
+    store = Store.create(tmp_path / "state.db", {"name": "t"})
+    store.close()
+    assert Store.open(tmp_path / "state.db").meta()["name"] == "t"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == ["state.db"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["random", "grid"])
 def test_chaos(algorithm: str, tmp_path: Path) -> None:
