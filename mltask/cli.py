@@ -2,6 +2,7 @@
 
     mltask types
     mltask tasks create TASK.json [--backend local|docker|golem] [--workers N] [--output DIR] [--force]
+                       [--resources-root DIR]...
     mltask tasks resume DIR [--task TASK.json]
     mltask tasks abort DIR
     mltask tasks show DIR
@@ -36,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="create and inspect tasks").add_subparsers(dest="action", required=True)
     create = tasks.add_parser("create", help="run a search described by a task JSON file")
     create.add_argument("task", type=Path, help="task JSON file")
-    create.add_argument("--output", type=Path, default=None, help="results dir (default: options.output_path)")
+    # str, not Path: Path("") is ".", and an empty --output must be refused, not mean the current dir
+    create.add_argument("--output", default=None, help="results dir (default: options.output_path)")
     create.add_argument("--force", action="store_true", help="replace a previous task in the output dir")
+    create.add_argument("--resources-root", type=Path, action="append", default=[], metavar="DIR",
+                        help="also allow resources from DIR (default: only the task file's folder); repeatable")
     _run_options(create)
     resume = tasks.add_parser("resume", help="carry on a stopped, crashed or aborted task")
     resume.add_argument("dir", type=Path, help="the task's output dir")
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = run_task(
                     args.task, backend=args.backend, workers=args.workers, image=args.image, output=args.output,
-                    force=args.force,
+                    force=args.force, resources_root=args.resources_root,
                     quiet=args.quiet,
                 )
             return 0 if result.summary.status == "finished" else 1

@@ -245,7 +245,10 @@ class TaskDefinition(_Strict):
         default=None, ge=1, le=100_000, description="Subtasks the trials are split into; default one per 5 trials."
     )
     bid: float = Field(default=1.0, ge=0, description="Highest price per hour accepted on Golem.")
-    resources: list[str] = Field(default=[], description="Files sent to providers, relative to the task file.")
+    resources: list[str] = Field(
+        default=[], description="Files sent to providers, relative to the task file and inside its folder "
+        "(or a --resources-root)."
+    )
     options: SearchOptions = Field(description="The search; see the tables below.")
 
     @field_validator("type")

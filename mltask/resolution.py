@@ -1,21 +1,24 @@
 """Turn a validated task definition into a checked, self-contained :class:`Problem`.
 
 pydantic checks shapes; this module checks everything that needs the disk or an import:
-resource files exist and get hashed (and copied next to the task state, so a task never
-depends on files that may move), the dataset loads and has its target column, the estimator
-imports from an allowed module and has the parameters the search space names, the scorer
-exists, the splits can be made, text columns reach an estimator that can take them. Each
-failure is a :class:`TaskError` naming the field, raised before any trial runs.
+resource files exist, lie where a task file may reach, and get hashed (and copied next to
+the task state, so a task never depends on files that may move), the dataset loads and has
+its target column, the estimator imports from an allowed module and has the parameters the
+search space names, the scorer exists, the splits can be made, text columns reach an
+estimator that can take them. Each failure is a :class:`TaskError` naming the field, raised before any trial runs.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import shutil
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from mltask.data import Dataset, load_dataset
 from mltask.definition import TaskDefinition
@@ -38,17 +41,20 @@ class Resolved:
     direction: str
 
 
-def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path) -> Resolved:
-    """Check ``definition`` against the world; copy its resources into ``resources_dir``."""
+def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
+            resources_roots: Sequence[Path] = ()) -> Resolved:
+    """Check ``definition`` against the world; copy its resources into ``resources_dir``.
+
+    Resources are files under ``base_dir`` (the task file's folder) or a ``resources_roots`` dir.
+    """
     opts = definition.options
-    refs = _collect_resources(definition.resources, base_dir, resources_dir)
+    refs = _collect_resources(definition.resources, base_dir, resources_dir, resources_roots)
     names = {r.name for r in refs}
     if opts.dataset.file is not None and opts.dataset.file not in names:
         field = "options.dataset.csv" if opts.dataset.csv else "options.dataset.npz"
-        raise TaskError(field, f"{opts.dataset.file!r} is not among the resources; add its path to `resources`")
+        raise TaskError(field, _not_listed(opts.dataset.file, names))
     if opts.script is not None and opts.script.file not in names:
-        raise TaskError("options.script.file",
-                        f"{opts.script.file!r} is not among the resources; add it to `resources`")
+        raise TaskError("options.script.file", _not_listed(opts.script.file, names))
     data = load_dataset(opts.dataset, resources_dir)
 
     if opts.script is not None:
@@ -85,22 +91,78 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path) -> 
     return Resolved(problem, n_trials, count, direction)
 
 
-def _collect_resources(paths: list[str], base_dir: Path, resources_dir: Path) -> list[ResourceRef]:
+def _collect_resources(paths: list[str], base_dir: Path, resources_dir: Path,
+                       roots: Sequence[Path]) -> list[ResourceRef]:
+    """Copy each listed file into ``resources_dir``, under the name it is listed with.
+
+    Resources go to every provider, so a task file (perhaps found on the internet) must not
+    be able to name the requestor's other files: an SSH key, ``/proc/self/environ``. Each must
+    be a regular file inside the task file's folder or a root the user named, where links lead
+    too, and not hidden (``.ssh``, ``.env``): no absolute path, ``..`` or link out of them.
+    """
+    allowed = [base_dir.resolve(), *(_root(r) for r in roots)]
+    resources_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(resources_dir, 0o755)  # a container's own user reads it through its mount; the output dir is private
     refs: list[ResourceRef] = []
-    resources_dir.mkdir(parents=True, exist_ok=True)  # parents: the output dir itself
     for i, raw in enumerate(paths):
         field = f"resources[{i}]"
-        path = (base_dir / raw).resolve()
-        if not path.is_file():
-            raise TaskError(field, f"{raw!r} is not a file (paths are relative to the task file); check it")
-        if not _RESOURCE_NAME.match(path.name):
-            raise TaskError(field, f"file name {path.name!r} has characters providers refuse; rename it")
-        if any(r.name == path.name for r in refs):
-            raise TaskError(field, f"two resources are named {path.name!r}; providers see names only, rename one")
-        shutil.copyfile(path, resources_dir / path.name)
-        copy = resources_dir / path.name
-        refs.append(ResourceRef(name=path.name, sha256=file_sha256(copy), size=copy.stat().st_size))
+        name = PurePath(raw).name  # a link's own name, not its target's: the name the task uses
+        source = _confined(raw, base_dir, allowed, field)
+        if not _RESOURCE_NAME.match(name):
+            raise TaskError(field, f"file name {name!r} has characters providers refuse; rename it")
+        if any(r.name == name for r in refs):
+            raise TaskError(field, f"two resources are named {name!r}; providers see names only, rename one")
+        copy = resources_dir / name
+        _copy_regular_file(source, copy, raw, field)
+        refs.append(ResourceRef(name=name, sha256=file_sha256(copy), size=copy.stat().st_size))
     return refs
+
+
+def _root(path: Path) -> Path:
+    if not path.is_dir():
+        raise TaskError("--resources-root", f"{str(path)!r} is not a directory; check the path")
+    return path.resolve()
+
+
+def _confined(raw: str, base_dir: Path, allowed: list[Path], field: str) -> Path:
+    """Where resource ``raw`` really is, if that is inside an allowed root (links resolved)."""
+    real = Path(os.path.realpath(base_dir / raw))
+    for root in allowed:
+        if real.is_relative_to(root):
+            hidden = [part for part in real.relative_to(root).parts if part.startswith(".")]
+            if hidden:
+                raise TaskError(field, f"{raw!r} is hidden or in a hidden folder ({hidden[0]}), where secrets live; "
+                                "a resource must be a plain data file - move it, or name its folder with "
+                                "--resources-root DIR")
+            return real
+    raise TaskError(field, f"{raw!r} leads outside {allowed[0]} (an absolute path, '..' or a link out); a task file "
+                    "may send providers only files in its own folder - copy the file there, or allow its folder "
+                    "with --resources-root DIR")
+
+
+def _copy_regular_file(source: Path, copy: Path, raw: str, field: str) -> None:
+    """Copy ``source`` if it is a regular file, checked on the open file (no FIFO, device, folder)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us
+    except FileNotFoundError:
+        raise TaskError(field, f"{raw!r} is not a file (paths are relative to the task file); check it") from None
+    except OSError as exc:
+        raise TaskError(field, f"{raw!r} cannot be read ({exc.strerror}); check it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TaskError(field, f"{raw!r} is not a regular file (a folder, FIFO or device); list data files only")
+    with os.fdopen(fd, "rb") as src, open(copy, "xb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(copy, 0o644)  # readable by a container's own user, as the folder
+
+
+def _not_listed(value: str, names: set[str]) -> str:
+    name = PurePath(value).name
+    if name != value:
+        also = "" if name in names else f", and list {value!r} in `resources`"
+        return f"takes the file's name as listed in `resources` (e.g. {name!r}), not a path{also}"
+    listed = ", ".join(sorted(names)) or "none"
+    return f"{value!r} is not among the resources (listed: {listed}); add its path to `resources`"
 
 
 def _check_param_names(estimator: object, names: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,10 @@ from mltask.backends import make_backend
 from mltask.console import SearchProgress, leaderboard
 from mltask.definition import PipelineSpec, TaskDefinition, load_definition, parse_definition
 from mltask.errors import TaskError
+from mltask.outdir import RESOURCES_DIR, SCRATCH_DIR, STATE_FILE, claim, output_path, seal
 from mltask.protocol import Problem
-from mltask.report import PLOT_FILE, REPORT_FILE, verification_lines, write_report
+from mltask.report import REPORT_FILE, verification_lines, write_report
 from mltask.results import (
-    BEST_JSON,
     MODEL_FILE,
     RESULTS_CSV,
     RESULTS_JSON,
@@ -28,12 +29,8 @@ from mltask.results import (
     write_results,
 )
 from mltask.scheduler import drive
-from mltask.store import Store, state_errors
-from mltask.task import RESOURCES_DIR, STATE_FILE, HyperparameterSearchTask
-
-SCRATCH_DIR = "scratch"
-_OUTPUTS = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", RESULTS_JSON, RESULTS_CSV, BEST_JSON, MODEL_FILE,
-            REPORT_FILE, PLOT_FILE)
+from mltask.store import StateLock, Store, require_state, state_errors
+from mltask.task import HyperparameterSearchTask
 
 
 @dataclass(frozen=True)
@@ -55,18 +52,25 @@ def run_task(
     image: str | None = None,
     output: str | Path | None = None,
     force: bool = False,
+    resources_root: str | Path | Iterable[str | Path] | None = None,
     quiet: bool = False,
     console: Console | None = None,
 ) -> RunResult:
-    """Run a search end to end; ``task`` is a task file, its parsed JSON or a definition."""
+    """Run a search end to end; ``task`` is a task file, its parsed JSON or a definition.
+
+    Resources must lie in the task file's folder (the current dir for a dict or a
+    definition) or in a ``resources_root`` dir, which the caller names, never the task.
+    ``force`` replaces a previous task in the output dir, once the new one proves valid.
+    """
     console = console or Console(stderr=True, quiet=quiet)
     definition, base_dir = _definition(task)
-    output_dir = Path(output or definition.options.output_path or Path("mltask-results") / definition.name)
+    output_dir = output_path(output, definition.options.output_path, definition.name)
     make_backend(backend, workers, definition, image=image).check()  # before any write
-    if force:
-        _clear(output_dir)
-    search = HyperparameterSearchTask.create(definition, base_dir, output_dir)
-    return _execute(search, backend, workers, image, quiet, console)
+    roots = [resources_root] if isinstance(resources_root, (str, Path)) else list(resources_root or ())
+    with claim(output_dir):
+        search = HyperparameterSearchTask.create(definition, base_dir, output_dir, force=force,
+                                                 resources_roots=[Path(r) for r in roots])
+        return _sealed(search, backend, workers, image, quiet, console)
 
 
 def resume_task(
@@ -86,11 +90,14 @@ def resume_task(
     """
     console = console or Console(stderr=True, quiet=quiet)
     update = _definition(task)[0] if task is not None else None
-    search = HyperparameterSearchTask.load(Path(output_dir), update=update)
-    progress = search.progress()
-    done = progress.done + progress.failed
-    _say(console, f"resuming {search.definition.name}: {done} of {search.n_trials} trials done")
-    return _execute(search, backend, workers, image, quiet, console)
+    output_dir = Path(output_dir)
+    require_state(output_dir / STATE_FILE)  # before the lock file: never write into a dir that holds no task
+    with StateLock.acquire(output_dir):
+        search = HyperparameterSearchTask.load(output_dir, update=update)
+        progress = search.progress()
+        done = progress.done + progress.failed
+        _say(console, f"resuming {search.definition.name}: {done} of {search.n_trials} trials done")
+        return _sealed(search, backend, workers, image, quiet, console)
 
 
 def abort_task(output_dir: str | Path) -> None:
@@ -102,6 +109,15 @@ def abort_task(output_dir: str | Path) -> None:
             store.set_meta("status", "aborted")
     finally:
         store.close()
+
+
+def _sealed(search: HyperparameterSearchTask, backend: str, workers: int | None, image: str | None, quiet: bool,
+            console: Console) -> RunResult:
+    """:func:`_execute`, then the result files made private, however it ends."""
+    try:
+        return _execute(search, backend, workers, image, quiet, console)
+    finally:
+        seal(search.output_dir)
 
 
 def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None, image: str | None, quiet: bool,
@@ -187,14 +203,6 @@ def _definition(task: str | Path | dict[str, Any] | TaskDefinition) -> tuple[Tas
         return parse_definition(task), Path.cwd()
     path = Path(task)
     return load_definition(path), path.resolve().parent
-
-
-def _clear(output_dir: Path) -> None:
-    """``--force``: remove a previous task's files, and only those."""
-    for name in _OUTPUTS:
-        (output_dir / name).unlink(missing_ok=True)
-    for name in (RESOURCES_DIR, SCRATCH_DIR):
-        shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
 def preload_modules(problem: Problem) -> tuple[str, ...]:

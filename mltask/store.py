@@ -12,6 +12,8 @@ provider's result once accepted), ``subtasks`` (one row per batch sent, with its
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -25,6 +27,7 @@ from typing import Any
 from mltask.errors import TaskError
 
 SCHEMA_VERSION = 1
+LOCK_FILE = ".mltask.lock"  # beside state.db; see StateLock
 _TABLES = ("meta", "trials", "subtasks", "verdicts", "bans")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,6 +88,70 @@ def state_errors(path: Path) -> Iterator[None]:
         ) from None
 
 
+def require_state(path: Path) -> None:
+    """Refuse a directory that holds no task before anything is read or written there."""
+    if not path.is_file():
+        raise TaskError(str(path.parent), "not a task output dir (no state.db); check the path")
+
+
+class StateLock:
+    """An exclusive hold on a task's state while one process drives it.
+
+    A second requestor on the same task (another ``resume``, a ``create --force``) would
+    re-queue the trials the first has in flight and die on its inserts. ``flock`` on a file
+    beside ``state.db`` is released by the kernel when its holder exits, even by ``kill -9``,
+    so a crash never leaves a stale lock; the file keeps the holder's pid for the message.
+    Readers (``tasks show``, ``tasks abort``) never take it: SQLite serialises their writes.
+    The descriptor is not inheritable, so workers the requestor starts never hold the lock.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, directory: Path, field: str | None = None) -> StateLock:
+        """Lock the task in ``directory``, or raise one line naming the process that holds it."""
+        path = directory / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise TaskError(field or str(directory), f"cannot write in {directory} ({exc.strerror}); "
+                                "choose a directory you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise TaskError(
+                    field or str(directory), f"the task is being run by process {holder}; wait for it to end, "
+                    f"or stop it first with `mltask tasks abort {directory}`"
+                ) from None
+            try:  # a failed create may have removed the file between our open and our lock
+                if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass(frozen=True)
 class TrialRow:
     number: int
@@ -118,6 +185,8 @@ class Store:
             raise FileExistsError(path)
         draft = path.with_name(f".{path.name}.new")
         draft.unlink(missing_ok=True)  # left by a create that was killed
+        # Private from the start: SQLite gives the -wal and -shm files the database's mode.
+        os.close(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conn = _connect(draft)
         try:
             conn.executescript(_SCHEMA)
@@ -134,8 +203,7 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        if not path.is_file():
-            raise TaskError(str(path.parent), "not a task output dir (no state.db); check the path")
+        require_state(path)
         with state_errors(path):
             # Check read-only first: even switching a foreign file to WAL would write to it.
             probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,15 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from mltask import outdir
 from mltask.definition import TaskDefinition
 from mltask.errors import TaskError
+from mltask.outdir import RESOURCES_DIR, STATE_FILE
 from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialSpec, dumps
 from mltask.resolution import resolve
 from mltask.samplers import make_sampler
 from mltask.store import Store, TrialRow, state_errors
 
-STATE_FILE = "state.db"
-RESOURCES_DIR = "resources"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -120,27 +120,32 @@ class HyperparameterSearchTask:
     # -- creation -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, definition: TaskDefinition, base_dir: Path, output_dir: Path) -> HyperparameterSearchTask:
-        """Validate against the world, copy resources, and start a fresh state file."""
-        if (output_dir / STATE_FILE).exists():
-            raise TaskError("--output", f"{output_dir} already holds a task; choose another output dir or pass --force")
-        created = not output_dir.exists()
-        try:
-            resolved = resolve(definition, base_dir, output_dir / RESOURCES_DIR)
-        except TaskError:  # leave no half-made output dir behind
-            shutil.rmtree(output_dir if created else output_dir / RESOURCES_DIR, ignore_errors=True)
-            raise
-        task_id = uuid.uuid4().hex[:12]
-        meta = {
-            "task_id": task_id,
-            "definition": definition.model_dump_json(),
-            "problem": dumps(resolved.problem),
-            "n_trials": str(resolved.n_trials),
-            "subtasks_count": str(resolved.subtasks_count),
-            "direction": resolved.direction,
-            "created_at": str(time.time()),
-        }
-        store = Store.create(output_dir / STATE_FILE, meta)
+    def create(cls, definition: TaskDefinition, base_dir: Path, output_dir: Path, *, force: bool = False,
+               resources_roots: Sequence[Path] = ()) -> HyperparameterSearchTask:
+        """Validate against the world, copy resources, and start a fresh state file.
+
+        The task is resolved in a staging dir and moved into ``output_dir`` only once valid:
+        a task that fails leaves the dir as it was, and ``force`` replaces a previous task's
+        own files only then (:mod:`mltask.outdir`). Resources come from ``base_dir`` (the
+        task file's folder) or one of ``resources_roots``.
+        """
+        previous = outdir.previous_files(output_dir, force)
+        with outdir.private_dir(output_dir), outdir.staging(output_dir) as stage:
+            resolved = resolve(definition, base_dir, stage / RESOURCES_DIR, resources_roots)
+            names = [r.name for r in resolved.problem.resources]
+            adopted = outdir.install(stage / RESOURCES_DIR, names, output_dir, previous)
+            task_id = uuid.uuid4().hex[:12]
+            meta = {
+                "task_id": task_id,
+                "definition": definition.model_dump_json(),
+                "problem": dumps(resolved.problem),
+                "n_trials": str(resolved.n_trials),
+                "subtasks_count": str(resolved.subtasks_count),
+                "direction": resolved.direction,
+                "created_at": str(time.time()),
+                outdir.ADOPTED: json.dumps(adopted),
+            }
+            store = Store.create(output_dir / STATE_FILE, meta)
         return cls(
             definition, resolved.problem, store, task_id, resolved.n_trials, resolved.subtasks_count,
             resolved.direction, output_dir,

@@ -124,6 +124,27 @@ def test_abort_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     _check_study(out, 60)
 
 
+def test_a_second_requestor_on_a_running_task_is_refused(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a second resume re-queued the first one's trials and died on a UNIQUE constraint."""
+    from mltask.definition import load_definition
+    from mltask.task import HyperparameterSearchTask
+
+    out = tmp_path / "out"
+    task = _task(tmp_path, "random", 20, 10, delay=0.1)
+    HyperparameterSearchTask.create(load_definition(task), tmp_path, out).store.close()  # created, never run
+    first = _mltask("tasks", "resume", str(out), "--quiet", "--workers", "1")
+    _wait_for(out, 2)
+    for args in (["tasks", "resume", str(out), "--quiet"],
+                 ["tasks", "create", str(task), "--output", str(out), "--force", "--quiet"]):
+        code, said, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in said + err, err
+        assert f"run by process {first.pid}" in err and f"mltask tasks abort {out}" in err
+    assert run_cli(["tasks", "show", str(out)], capsys)[0] == 0  # readers need no lock
+    assert first.wait(120) == 0, first.stderr.read()
+    _check_study(out, 20)
+
+
 def _finished_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
     task = _task(tmp_path, "random", 10, 5, delay=0)
     out = tmp_path / "out"
