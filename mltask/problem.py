@@ -29,6 +29,7 @@ import numpy as np
 from mltask.data import Dataset
 from mltask.definition import CVSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
+from mltask.param_values import estimator_params
 from mltask.protocol import Problem, TrialResult, TrialSpec
 
 Splits = list[tuple[np.ndarray, np.ndarray]]
@@ -144,8 +145,9 @@ def make_splits(cv: CVSpec, data: Dataset) -> Splits:
 
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
-    """The trial's parameters plus its seed in every ``random_state`` left unset."""
-    params = dict(trial.params)
+    """The trial's parameters, checked and as ``set_params`` takes them (:func:`estimator_params`),
+    plus its seed in every ``random_state`` left unset."""
+    params = estimator_params(trial.params)
     for key, value in estimator.get_params(deep=True).items():
         if (key == "random_state" or key.endswith("__random_state")) and value is None and key not in params:
             params[key] = trial.seed
