@@ -66,15 +66,26 @@ def test_list_choices_survive_a_rebuilt_study(tmp_path: Path) -> None:
     assert len(params) == 6 and all(p["hidden_layer_sizes"] in LAYERS for p in params)
 
 
-def test_a_list_reaches_a_tuple_only_parameter_as_a_tuple(tmp_path: Path) -> None:
-    """MinMaxScaler's feature_range must be a tuple; JSON has lists only."""
-    data = task_dict(estimator={"pipeline": [["scale", "sklearn.preprocessing.MinMaxScaler"],
-                                             ["tree", "sklearn.tree.DecisionTreeClassifier"]]},
-                     search_space={"scale__feature_range": [[0, 1], [-1, 1]], "tree__max_depth": [2]},
-                     algorithm="grid", n_trials=None)
+RANGES = [[0, 1], [-1, 1], [0, 2]]
+
+
+@pytest.mark.parametrize("algorithm", ["grid", "random", "qmc", "tpe", "cmaes"])
+def test_every_algorithm_proposes_list_choices_and_the_estimator_takes_them(algorithm: str, tmp_path: Path) -> None:
+    """MinMaxScaler's feature_range takes a tuple only; JSON has lists, the estimator gets tuples."""
+    data = task_dict(
+        estimator={"pipeline": [["scale", "sklearn.preprocessing.MinMaxScaler"],
+                                ["tree", "sklearn.tree.DecisionTreeClassifier"]]},
+        algorithm=algorithm, n_trials=None if algorithm == "grid" else 8,
+        search_space={"tree__max_depth": {"type": "int", "low": 1, "high": 4}, "scale__feature_range": RANGES},
+    )
     task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
-    result = evaluate_subtask(task.next_subtask("p"), task.resources_dir)
-    assert [t.status for t in result.trials] == ["ok"] * len(result.trials), [t.error for t in result.trials]
+    seen = []
+    while (sub := task.next_subtask("p")) is not None:
+        seen += [t.params["scale__feature_range"] for t in sub.trials]
+        result = evaluate_subtask(sub, task.resources_dir)
+        assert all(t.status == "ok" for t in result.trials), [t.error for t in result.trials]
+        task.accept(result)
+    assert len(seen) == (12 if algorithm == "grid" else 8) and all(v in RANGES for v in seen)
 
 
 @pytest.mark.timeout(30)  # before the fix these built every value: a MemoryError or minutes
