@@ -58,10 +58,14 @@ def _load_builtin(name: str) -> Dataset:
 
 def _load_csv(path: Path, target: str, field: str) -> Dataset:
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: spreadsheet programs start their CSV with a byte order mark, which would
+        # otherwise be part of the first column's name ("\ufefflabel", invisible in errors).
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TaskError(field, f"cannot read {path.name} as CSV ({exc})") from None
+    while rows and not any(cell.strip() for cell in rows[-1]):  # blank lines at the end are no rows
+        rows.pop()
     if len(rows) < 3:
         raise TaskError(field, f"{path.name} needs a header row and at least two data rows")
     header, body = rows[0], rows[1:]

@@ -13,9 +13,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from mltask.errors import TaskError, pydantic_error_to_task_error
+from mltask.errors import TaskError, json_path, located, pydantic_error_to_task_error
 from mltask.space import SearchSpace
 
 TASK_TYPE_ID = "ml_hyperparameter_search"
@@ -55,18 +65,37 @@ class PipelineSpec(_Strict):
 
     pipeline: list[tuple[str, str]] = Field(min_length=1)
 
-    @field_validator("pipeline")
+    @field_validator("pipeline", mode="before")
     @classmethod
-    def _unique_names(cls, steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        names = [name for name, _ in steps]
-        if len(set(names)) != len(names):
-            raise ValueError("step names repeat; give each step its own name")
-        if any("__" in n or not n for n in names):
-            raise ValueError("step names must be non-empty and contain no '__'")
+    def _check_steps(cls, steps: Any) -> Any:
+        """Name the step at fault and the fix; the type check after this would only say "not a string"."""
+        if not isinstance(steps, list):
+            return steps
+        seen: dict[str, int] = {}
+        for i, step in enumerate(steps):
+            if not (isinstance(step, (list, tuple)) and len(step) == 2 and all(isinstance(p, str) for p in step)):
+                raise located('a step is a [name, import path] pair, e.g. ["svc", "sklearn.svm.SVC"]', i)
+            name, path = step
+            if not name or "__" in name:
+                raise located(f"step name {name!r} must be non-empty and contain no '__' (it separates "
+                              "a step from its parameter, as in svc__C); rename it", i)
+            if not path:
+                raise located("the import path is empty; give the estimator's, e.g. sklearn.svm.SVC", i)
+            if name in seen:
+                raise located(f"step name {name!r} is also step {seen[name]}'s; give each step its own name", i)
+            seen[name] = i
         return steps
 
 
-EstimatorSpec = str | PipelineSpec
+def _estimator_kind(value: Any) -> str:
+    # A discriminated union reports only the chosen member's errors: a bad pipeline gets
+    # pipeline errors, not "Input should be a valid string" from the import-path member.
+    return "PipelineSpec" if isinstance(value, (dict, PipelineSpec)) else "str"
+
+
+EstimatorSpec = Annotated[
+    Annotated[str, Tag("str")] | Annotated[PipelineSpec, Tag("PipelineSpec")], Discriminator(_estimator_kind)
+]
 
 
 class ScriptSpec(_Strict):
@@ -286,10 +315,51 @@ def load_definition(path: Path) -> TaskDefinition:
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskError(str(path), f"cannot read the task file ({exc})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
         raise TaskError(str(path), f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    repeated = _find_repeated(data, [])
+    if repeated is not None:
+        raise TaskError(json_path(repeated), "this key appears twice in the task file (JSON would keep only the "
+                        "last one silently); remove one of them")
     return parse_definition(data)
+
+
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A JSON object in which ``key`` appeared more than once."""
+
+    key: str
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: keep the pairs, and mark an object that repeats a key.
+
+    Only marked, not raised: the hook sees an object before its parents, so the path to
+    it is known only once the whole document is parsed (:func:`_find_repeated`).
+    """
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    marked = _Repeated(obj)
+    marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+    return marked
+
+
+def _find_repeated(value: Any, path: list[str | int]) -> list[str | int] | None:
+    """The path to the first repeated key, depth first in document order."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_repeated(item, [*path, key])
+            if found is not None:
+                return found
+        return [*path, value.key] if isinstance(value, _Repeated) else None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_repeated(item, [*path, i])
+            if found is not None:
+                return found
+    return None
 
 
 def template() -> dict[str, Any]:

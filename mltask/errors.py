@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic_core import PydanticCustomError
+
 if TYPE_CHECKING:
     import pydantic
 
@@ -32,15 +34,15 @@ def pydantic_error_to_task_error(exc: pydantic.ValidationError, prefix: str = ""
     so we report the first, with a hint for the common kinds.
     """
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(part) for part in err["loc"] if not _is_union_tag(part))
-    field = ".".join(p for p in (prefix, loc) if p)
+    parts = [part for part in err["loc"] if not _is_union_tag(part)] + list(err.get("ctx", {}).get("at", ()))
+    field = json_path([*([prefix] if prefix else []), *parts])
     kind = err["type"]
     msg = err["msg"]
     if kind == "extra_forbidden":
         msg = "unknown field; remove it or check its spelling (`mltask tasks schema` lists the fields)"
     elif kind == "missing":
         msg = "required field is missing; add it (`mltask tasks template` shows a valid task)"
-    elif kind.startswith("value_error"):
+    elif kind.startswith("value_error") or kind == "located":
         msg = msg.removeprefix("Value error, ")
     else:
         got = err.get("input")
@@ -49,8 +51,26 @@ def pydantic_error_to_task_error(exc: pydantic.ValidationError, prefix: str = ""
     return TaskError(field, msg)
 
 
+def located(message: str, *at: str | int) -> PydanticCustomError:
+    """A validation error ``at`` a place below the field being validated.
+
+    A validator that checks a whole list or mapping (repeated names, conditions between
+    parameters) knows which item is at fault; raise this from it and the one-line error
+    names that item (``options.estimator.pipeline[2]``), not only the container.
+    """
+    return PydanticCustomError("located", message, {"at": at})
+
+
+def json_path(parts: list[str | int]) -> str:
+    """``options.estimator.pipeline[2]``: keys joined by dots, list indexes in brackets."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
 def _is_union_tag(part: object) -> bool:
     # pydantic puts the chosen union member ("int", "float", "function-after[...]") in
     # the location; users think of the JSON path only.
-    wrappers = {"int", "float", "categorical", "fixed", "str", "list[...]"}
+    wrappers = {"int", "float", "categorical", "fixed", "str", "list[...]", "PipelineSpec"}
     return isinstance(part, str) and (part in wrappers or "[" in part)

@@ -29,6 +29,7 @@ import numpy as np
 from mltask.data import Dataset
 from mltask.definition import CVSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
+from mltask.param_values import estimator_params
 from mltask.protocol import Problem, TrialResult, TrialSpec
 
 Splits = list[tuple[np.ndarray, np.ndarray]]
@@ -61,13 +62,42 @@ def build_estimator(problem: Problem) -> Any:
     if isinstance(spec, PipelineSpec):
         from sklearn.pipeline import Pipeline
 
-        steps = [
-            (name, import_estimator(path, problem.allowed_modules, f"options.estimator.pipeline.{name}")())
-            for name, path in spec.pipeline
-        ]
+        steps = []
+        for i, (name, path) in enumerate(spec.pipeline):
+            field = f"options.estimator.pipeline[{i}]"
+            steps.append((name, _construct(import_estimator(path, problem.allowed_modules, field), path, field)))
         return Pipeline(steps)
     assert spec is not None
-    return import_estimator(spec, problem.allowed_modules)()
+    return _construct(import_estimator(spec, problem.allowed_modules), spec, "options.estimator")
+
+
+def _construct(cls: type, path: str, field: str) -> Any:
+    """``cls()``, or one line on why the task cannot name it alone.
+
+    Estimators are built without arguments and then configured with ``set_params``; a
+    class with required arguments (a ``Pipeline``'s steps, a meta-estimator's estimator)
+    cannot be built that way.
+    """
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to read (a C extension): let the call below tell
+        signature = inspect.Signature()
+    required = [
+        p.name for p in signature.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if required:
+        from sklearn.pipeline import Pipeline
+
+        fix = (
+            'write the pipeline as {"pipeline": [["name", "import.path"], ...]}' if issubclass(cls, Pipeline)
+            else "meta-estimators are not supported as the estimator yet; tune the inner estimator directly"
+        )
+        raise TaskError(field, f"{path} needs constructor arguments ({', '.join(required)}); {fix}")
+    try:
+        return cls()
+    except Exception as exc:  # a third-party class: whatever it raises, it cannot be built bare
+        raise TaskError(field, f"{path}() fails: {type(exc).__name__}: {exc}"[:500]) from None
 
 
 def load_script(spec: ScriptSpec, resources_dir: Path) -> Callable[..., Any]:
@@ -115,8 +145,9 @@ def make_splits(cv: CVSpec, data: Dataset) -> Splits:
 
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
-    """The trial's parameters plus its seed in every ``random_state`` left unset."""
-    params = dict(trial.params)
+    """The trial's parameters, checked and as ``set_params`` takes them (:func:`estimator_params`),
+    plus its seed in every ``random_state`` left unset."""
+    params = estimator_params(trial.params)
     for key, value in estimator.get_params(deep=True).items():
         if (key == "random_state" or key.endswith("__random_state")) and value is None and key not in params:
             params[key] = trial.seed

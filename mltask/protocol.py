@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mltask.definition import CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
-from mltask.space import Scalar
+from mltask.space import Value
 
 PROTOCOL_VERSION = 1
 SUBTASK_FILE = "subtask.json"
@@ -40,7 +40,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
-Params = dict[Annotated[str, Field(max_length=200)], Scalar]
+Params = dict[Annotated[str, Field(max_length=200)], Value]
 
 
 class _Wire(BaseModel):

@@ -62,8 +62,8 @@ def reference_markdown() -> str:
 
 
 def _type(spec: dict[str, Any]) -> str:
-    if "anyOf" in spec:
-        return " or ".join(dict.fromkeys(_type(s) for s in spec["anyOf"]))
+    if "anyOf" in spec or "oneOf" in spec:  # oneOf: a discriminated union
+        return " or ".join(dict.fromkeys(_type(s) for s in spec.get("anyOf", spec.get("oneOf"))))
     if "const" in spec:
         return json.dumps(spec["const"])
     if "enum" in spec:
@@ -71,7 +71,10 @@ def _type(spec: dict[str, Any]) -> str:
     if "$ref" in spec:
         return spec["$ref"].rsplit("/", 1)[-1]
     if spec.get("type") == "array":
-        return f"list of {_type(spec.get('items', {}))}" if spec.get("items") else "list"
+        if not spec.get("items"):
+            return "list"
+        items = _type(spec["items"])
+        return f"list of ({items})" if " or " in items else f"list of {items}"
     if spec.get("type") == "object":
         return "object"
     return spec.get("type", "any")

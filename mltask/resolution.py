@@ -23,10 +23,12 @@ from pathlib import Path, PurePath
 from mltask.data import Dataset, load_dataset
 from mltask.definition import TaskDefinition
 from mltask.errors import TaskError
+from mltask.param_values import check_param, estimator_params
 from mltask.problem import build_estimator, load_script, make_splits
 from mltask.protocol import Problem, ResourceRef
 from mltask.provider import file_sha256
 from mltask.samplers import make_sampler
+from mltask.space import SearchSpace
 
 DEFAULT_TRIALS = 20
 TRIALS_PER_SUBTASK = 5
@@ -67,6 +69,7 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
         )
         estimator = build_estimator(probe)
         _check_param_names(estimator, list(opts.search_space.params))
+        _check_param_values(opts.search_space)
         from sklearn.base import is_classifier
 
         classifier = is_classifier(estimator)
@@ -174,6 +177,13 @@ def _check_param_names(estimator: object, names: list[str]) -> None:
             raise TaskError(f"options.search_space.{name}", f"not a parameter of the estimator; {hint}")
 
 
+def _check_param_values(space: SearchSpace) -> None:
+    """The rule providers apply again before they configure an estimator (no paths, no caches)."""
+    for name, values in space.candidate_values().items():
+        for value in values:
+            check_param(name, value, f"options.search_space.{name}")
+
+
 def _check_scoring(name: str) -> str:
     from sklearn.metrics import get_scorer_names
 
@@ -194,7 +204,7 @@ def _check_text_columns(estimator: object, fixed: dict, data: Dataset) -> None:
 
     sample = slice(0, min(len(data.y), 200))
     try:
-        clone(estimator).set_params(**fixed).fit(data.X[sample], data.y[sample])
+        clone(estimator).set_params(**estimator_params(fixed)).fit(data.X[sample], data.y[sample])
     except Exception as exc:  # whatever the estimator raises, the cause is the text columns
         raise TaskError(
             "options.dataset",

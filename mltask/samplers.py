@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 
 from mltask.errors import TaskError
-from mltask.space import SearchSpace
+from mltask.space import FloatParam, IntParam, SearchSpace
 
 
 class _KnownSpaceQMCSampler(optuna.samplers.QMCSampler):
@@ -94,6 +94,11 @@ def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
             seed=seed, constant_liar=True, multivariate=True, group=space.is_conditional
         )
     if algorithm == "cmaes":
+        if not any(isinstance(p, (IntParam, FloatParam)) for p in space.params.values()):
+            raise TaskError(
+                "options.algorithm", "cmaes searches int and float parameters and this space has none "
+                "(it would pick categorical ones at random, as random search does); use tpe or random"
+            )
         try:
             import cmaes  # noqa: F401  # Optuna's CMA-ES needs it; fail now, not mid-search
         except ImportError:

@@ -11,15 +11,26 @@ A parameter may carry ``when``: it is only part of a configuration when an earli
 parameter took one of the listed values (``{"when": {"svc__kernel": ["poly"]}}`` for a
 polynomial degree). Optuna's define-by-run API samples such spaces natively, so this is the
 whole of our support for conditional spaces.
+
+Values are JSON scalars or flat lists of them (``"hidden_layer_sizes": [[50], [100, 50]]``
+is a categorical over two layer layouts). Optuna's categorical distribution holds scalars
+only, so a categorical with list choices is handed to Optuna as JSON-encoded strings and
+decoded here (:meth:`_Param.to_optuna`, :meth:`_Param.from_optuna`): a trial's parameters,
+the wire protocol, the results and the refit all carry the real list. Objects (dicts) are
+refused: JSON keys are always strings, so ``class_weight: {"1": 5}`` would never match the
+integer label 1, silently.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, model_validator
+
+from mltask.errors import located
 
 if TYPE_CHECKING:  # Optuna is a requestor-side dependency; the provider image does without it
     from optuna.distributions import BaseDistribution
@@ -28,11 +39,50 @@ if TYPE_CHECKING:  # Optuna is a requestor-side dependency; the provider image d
 Scalar = None | bool | int | float | str
 """What Optuna can store as a categorical choice and what JSON round-trips exactly."""
 
+MAX_LIST_VALUE = 100
+MAX_GRID_SIZE = 1_000_000
+"""Most configurations grid search enumerates (Optuna's GridSampler holds them all in memory)."""
+
+NO_OBJECTS = (
+    "objects are not supported as parameter values (JSON keys are strings, so class_weight "
+    '{"1": 5} would not match the integer label 1); use a scalar or a list, e.g. class_weight "balanced"'
+)
+
+
+def _plain_value(value: Any) -> Any:
+    """Refuse, with a message that says why, what pydantic would report as a union mismatch."""
+    if isinstance(value, dict):
+        raise ValueError(NO_OBJECTS)
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(item, (list, tuple, dict)) for item in value):
+            raise ValueError("a list value may hold only null, booleans, numbers and strings, not lists or objects")
+        return list(value)
+    return value
+
+
+Value = Annotated[
+    Scalar | Annotated[list[Scalar], Field(max_length=MAX_LIST_VALUE)], BeforeValidator(_plain_value)
+]
+"""A parameter value: a JSON scalar or a flat list of them (a tuple parameter of scikit-learn)."""
+
+
+def matches(value: Value, allowed: list[Value]) -> bool:
+    """Whether ``value`` is among ``allowed``; floats within rounding, as Optuna's stepped floats
+    (0.1 * 3 is 0.30000000000000004, which a ``when`` listing 0.3 means)."""
+    return any(_same(value, a) for a in allowed)
+
+
+def _same(a: Value, b: Value) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
 
 class _Param(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    when: dict[str, list[Scalar]] | None = Field(
+    when: dict[str, list[Value]] | None = Field(
         default=None,
         description="Only sample this parameter when each named earlier parameter took one of the listed values.",
     )
@@ -41,13 +91,28 @@ class _Param(BaseModel):
         """The Optuna distribution, or ``None`` for a fixed value (never sampled)."""
         raise NotImplementedError
 
-    def grid_values(self) -> list[Scalar] | None:
+    def grid_size(self) -> int | float | None:
+        """How many grid values there are, counted without listing them; ``None`` when continuous."""
+        raise NotImplementedError
+
+    def grid_values(self) -> list[Value] | None:
         """All values for grid search, or ``None`` when the range is continuous."""
         raise NotImplementedError
 
-    def suggest(self, trial: Trial, name: str) -> Scalar:
+    def takes(self, value: Value) -> bool:
+        """Whether a configuration can give this parameter ``value`` (for ``when`` conditions)."""
+        raise NotImplementedError
+
+    def suggest(self, trial: Trial, name: str) -> Value:
         """Ask an Optuna trial for this parameter's value (define-by-run, so ``when`` works)."""
         raise NotImplementedError
+
+    def to_optuna(self, value: Value) -> Scalar:
+        """``value`` as Optuna holds it (see the module docstring); most parameters hold their own."""
+        return value  # type: ignore[return-value]  # only categoricals hold lists, and override this
+
+    def from_optuna(self, value: Scalar) -> Value:
+        return value
 
 
 class IntParam(_Param):
@@ -71,10 +136,19 @@ class IntParam(_Param):
 
         return IntDistribution(self.low, self.high, log=self.log, step=self.step)
 
-    def grid_values(self) -> list[Scalar]:
+    def grid_size(self) -> int:
+        return (self.high - self.low) // self.step + 1
+
+    def grid_values(self) -> list[Value]:
         return list(range(self.low, self.high + 1, self.step))
 
-    def suggest(self, trial: Trial, name: str) -> Scalar:
+    def takes(self, value: Value) -> bool:
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+            and (value - self.low) % self.step == 0
+        )
+
+    def suggest(self, trial: Trial, name: str) -> Value:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -99,22 +173,38 @@ class FloatParam(_Param):
 
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
-    def grid_values(self) -> list[Scalar] | None:
+    def grid_size(self) -> int | float | None:
         if self.step is None:
             return None
-        n = math.floor((self.high - self.low) / self.step + 1e-9)
-        # Same rounding as Optuna applies to stepped floats, so grid and samplers agree.
-        return [float(round(self.low + i * self.step, 12)) for i in range(n + 1)]
+        steps = (self.high - self.low) / self.step
+        return math.floor(steps + 1e-9) + 1 if math.isfinite(steps) else math.inf  # a step of 1e-320...
 
-    def suggest(self, trial: Trial, name: str) -> Scalar:
+    def grid_values(self) -> list[Value] | None:
+        size = self.grid_size()
+        if size is None:
+            return None
+        # Same rounding as Optuna applies to stepped floats, so grid and samplers agree.
+        return [float(round(self.low + i * self.step, 12)) for i in range(int(size))]  # type: ignore[operator]
+
+    def takes(self, value: Value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        k = (value - self.low) / self.step
+        return abs(k - round(k)) < 1e-8  # Optuna's own test (FloatDistribution._contains)
+
+    def suggest(self, trial: Trial, name: str) -> Value:
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
 
 class CategoricalParam(_Param):
-    """One of ``choices`` (strings, numbers, booleans or null)."""
+    """One of ``choices`` (strings, numbers, booleans, null, or lists of those)."""
 
     type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1, description="Values: strings, numbers, booleans or null.")
+    choices: list[Value] = Field(
+        min_length=1, description="Values: strings, numbers, booleans, null, or lists of those (e.g. layer sizes)."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> CategoricalParam:
@@ -122,31 +212,54 @@ class CategoricalParam(_Param):
             raise ValueError("choices repeat a value; list each value once")
         return self
 
+    @property
+    def _encoded(self) -> bool:
+        return any(isinstance(c, list) for c in self.choices)
+
+    def to_optuna(self, value: Value) -> Scalar:
+        # All choices encoded, not only the lists, so a string "[50]" cannot collide with [50].
+        return json.dumps(value) if self._encoded else value  # type: ignore[return-value]
+
+    def from_optuna(self, value: Scalar) -> Value:
+        return json.loads(value) if self._encoded else value  # type: ignore[arg-type]
+
     def distribution(self) -> BaseDistribution:
         from optuna.distributions import CategoricalDistribution
 
-        return CategoricalDistribution(self.choices)
+        return CategoricalDistribution([self.to_optuna(c) for c in self.choices])
 
-    def grid_values(self) -> list[Scalar]:
+    def grid_size(self) -> int:
+        return len(self.choices)
+
+    def grid_values(self) -> list[Value]:
         return list(self.choices)
 
-    def suggest(self, trial: Trial, name: str) -> Scalar:
-        return trial.suggest_categorical(name, self.choices)
+    def takes(self, value: Value) -> bool:
+        return matches(value, self.choices)
+
+    def suggest(self, trial: Trial, name: str) -> Value:
+        return self.from_optuna(trial.suggest_categorical(name, [self.to_optuna(c) for c in self.choices]))
 
 
 class FixedParam(_Param):
     """A value every configuration gets, e.g. ``random_state`` or ``max_iter``."""
 
     type: Literal["fixed"]
-    value: Scalar = Field(description="The value every configuration gets.")
+    value: Value = Field(description="The value every configuration gets (a list too, e.g. [1, 2] for a range).")
 
     def distribution(self) -> None:
         return None
 
-    def grid_values(self) -> list[Scalar]:
+    def grid_size(self) -> int:
+        return 1
+
+    def grid_values(self) -> list[Value]:
         return [self.value]
 
-    def suggest(self, trial: Trial, name: str) -> Scalar:
+    def takes(self, value: Value) -> bool:
+        return matches(value, [self.value])
+
+    def suggest(self, trial: Trial, name: str) -> Value:
         return self.value
 
 
@@ -176,6 +289,8 @@ class SearchSpace(RootModel[dict[str, Param]]):
                 spec = {"type": "categorical", "choices": spec}
             elif not isinstance(spec, dict):
                 spec = {"type": "fixed", "value": spec}
+            elif "type" not in spec:
+                raise located('a parameter object needs "type" (int, float, categorical or fixed); ' + NO_OBJECTS, name)
             out[name] = spec
         return out
 
@@ -187,14 +302,8 @@ class SearchSpace(RootModel[dict[str, Param]]):
         for name, param in self.root.items():
             for other, values in (param.when or {}).items():
                 if other not in seen:
-                    raise ValueError(
-                        f"{name}.when names {other!r}, which is not an earlier parameter; "
-                        "define it before this one"
-                    )
-                allowed = seen[other].grid_values()
-                bad = [v for v in values if allowed is not None and v not in allowed]
-                if bad:
-                    raise ValueError(f"{name}.when: {other} never takes {bad[0]!r}; use one of {allowed}")
+                    raise located(f"{other!r} is not an earlier parameter; define it before {name!r}", name, "when")
+                _check_condition(seen[other], other, values, (name, "when", other))
             seen[name] = param
         return self
 
@@ -206,43 +315,86 @@ class SearchSpace(RootModel[dict[str, Param]]):
     def is_conditional(self) -> bool:
         return any(p.when for p in self.root.values())
 
-    def fixed_values(self) -> dict[str, Scalar]:
+    def fixed_values(self) -> dict[str, Value]:
         return {n: p.value for n, p in self.root.items() if isinstance(p, FixedParam)}
+
+    def candidate_values(self) -> dict[str, list[Value]]:
+        """Every value a fixed or categorical parameter can hand the estimator (numbers are ranges)."""
+        return {
+            n: [p.value] if isinstance(p, FixedParam) else list(p.choices)
+            for n, p in self.root.items() if isinstance(p, (FixedParam, CategoricalParam))
+        }
 
     def distributions(self) -> dict[str, BaseDistribution]:
         """Optuna distributions of the sampled (non-fixed) parameters."""
         return {n: d for n, p in self.root.items() if (d := p.distribution()) is not None}
 
-    def grid(self) -> dict[str, list[Scalar]]:
-        """Grid values of every sampled parameter; raises ``ValueError`` naming a continuous one."""
-        if self.is_conditional:
-            raise ValueError("grid search does not support `when` conditions; use random or tpe")
-        grid = {}
-        for name, param in self.root.items():
-            if isinstance(param, FixedParam):
-                continue
-            values = param.grid_values()
-            if values is None:
-                raise ValueError(
-                    f"{name} is continuous; grid search needs a `step` or a list of choices"
-                )
-            grid[name] = values
-        return grid
+    def optuna_params(self, params: dict[str, Value]) -> dict[str, Scalar]:
+        """The sampled parameters of a configuration as Optuna holds them (to rebuild a study)."""
+        sampled = self.distributions()
+        return {n: self.root[n].to_optuna(v) for n, v in params.items() if n in sampled}
 
     def grid_size(self) -> int:
-        return math.prod(len(v) for v in self.grid().values())
+        """Configurations in the grid, counted without listing them (a step of 1e-9 must not take minutes).
 
-    def iter_grid(self) -> list[dict[str, Scalar]]:
+        Raises ``ValueError`` naming a continuous parameter or the size past :data:`MAX_GRID_SIZE`.
+        """
+        if self.is_conditional:
+            raise ValueError("grid search does not support `when` conditions; use random or tpe")
+        size: int | float = 1
+        for name, param in self.root.items():
+            count = param.grid_size()
+            if count is None:
+                raise ValueError(f"{name} is continuous; grid search needs a `step` or a list of choices")
+            size *= count
+        if size > MAX_GRID_SIZE:
+            shown = f"{size:,}" if size < 1e15 else f"{float(size):.3g}"
+            raise ValueError(
+                f"the grid has {shown} configurations, more than grid search enumerates ({MAX_GRID_SIZE:,}); "
+                "use larger steps or fewer choices, or use random or tpe"
+            )
+        return int(size)
+
+    def grid(self) -> dict[str, list[Scalar]]:
+        """Grid values of every sampled parameter, as Optuna's GridSampler takes them.
+
+        Raises ``ValueError`` as :meth:`grid_size` does, before listing any value.
+        """
+        self.grid_size()
+        return {
+            name: [param.to_optuna(v) for v in param.grid_values() or ()]
+            for name, param in self.root.items() if not isinstance(param, FixedParam)
+        }
+
+    def iter_grid(self) -> list[dict[str, Value]]:
         """Every grid configuration, fixed values included (for tests and benchmarks)."""
-        grid = self.grid()
+        grid = {n: self.root[n].grid_values() or [] for n in self.grid()}
         fixed = self.fixed_values()
         return [dict(zip(grid, combo, strict=True), **fixed) for combo in itertools.product(*grid.values())]
 
-    def sample(self, trial: Trial) -> dict[str, Scalar]:
+    def sample(self, trial: Trial) -> dict[str, Value]:
         """One configuration from ``trial``: parameters in order, skipping inactive ones."""
-        chosen: dict[str, Scalar] = {}
+        chosen: dict[str, Value] = {}
         for name, param in self.root.items():
             cond = param.when
-            if not cond or all(other in chosen and chosen[other] in vals for other, vals in cond.items()):
+            if not cond or all(other in chosen and matches(chosen[other], vals) for other, vals in cond.items()):
                 chosen[name] = param.suggest(trial, name)
         return chosen
+
+
+def _check_condition(param: Param, name: str, values: list[Value], at: tuple[str, ...]) -> None:
+    """A ``when`` must be able to fire: every listed value is one ``param`` can take."""
+    if isinstance(param, FloatParam) and param.step is None:
+        raise located(
+            f"{name} is a continuous float, which never equals a listed value; give {name} a `step` "
+            "(then list values on it) or make it a list of choices", *at,
+        )
+    bad = next((v for v in values if not param.takes(v)), None)
+    if bad is not None or not values:
+        ranged = isinstance(param, (IntParam, FloatParam)) and (param.grid_size() or 0) > 20
+        options = (
+            f"a value from {param.low} to {param.high} in steps of {param.step}" if ranged  # type: ignore[union-attr]
+            else f"one of {param.grid_values()}"
+        )
+        never = f"{name} never takes {bad!r}" if values else "no values are listed"
+        raise located(f"{never}; use {options}", *at)

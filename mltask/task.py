@@ -410,7 +410,7 @@ class HyperparameterSearchTask:
         progress = Progress(total=self.n_trials, started_at=self._progress.started_at)
         self.study, self._progress = study, progress
         for row in rows:
-            sampled = {k: v for k, v in row.params.items() if k in distributions}
+            sampled = space.optuna_params(row.params)
             state = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL}.get(row.state, TrialState.RUNNING)
             study.add_trial(optuna.trial.create_trial(
                 state=state, value=row.value if state == TrialState.COMPLETE else None, params=sampled,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,45 @@ def _case(tmp_path: Path, name: str) -> dict[str, Any] | str:
         return task_dict(verification={"sample_rate": 1.5})
     if name == "negative_tolerance":
         return task_dict(verification={"rel_tolerance": -1e-9})
+    if name == "duplicate_top_key":
+        return json.dumps(task_dict())[:-1] + ', "name": "other"}'
+    if name == "duplicate_nested_key":
+        return json.dumps(task_dict()).replace('"criterion": ', '"max_depth": [1], "criterion": ')
+    if name == "when_on_float":
+        return task_dict(search_space={"ccp_alpha": {"type": "float", "low": 0.0, "high": 0.1},
+                                       "max_depth": {"type": "int", "low": 1, "high": 4, "when": {"ccp_alpha": [0.0]}}})
+    if name == "cmaes_all_categorical":
+        return task_dict(algorithm="cmaes", search_space={"criterion": ["gini", "entropy"], "max_depth": [2, 3]})
+    if name == "pipeline_as_estimator":
+        return task_dict(estimator="sklearn.pipeline.Pipeline", search_space={"memory": [None]})
+    if name == "meta_estimator":
+        return task_dict(estimator="sklearn.multiclass.OneVsRestClassifier", search_space={"n_jobs": [1]})
+    if name in PIPELINE_STEPS:
+        return task_dict(estimator={"pipeline": PIPELINE_STEPS[name]}, search_space={"svc__C": [1.0]})
+    if name == "dict_fixed_value":
+        return task_dict(search_space={"class_weight": {"type": "fixed", "value": {"0": 1, "1": 5}}})
+    if name == "dict_choice":
+        return task_dict(search_space={"class_weight": [None, {"0": 1, "1": 5}]})
+    if name == "dict_shorthand":
+        return task_dict(search_space={"class_weight": {"0": 1, "1": 5}})
+    if name == "memory_fixed":
+        return task_dict(estimator={"pipeline": [["tree", "sklearn.tree.DecisionTreeClassifier"]]},
+                         search_space={"memory": str(tmp_path / "cache"), "tree__max_depth": [1, 2]})
+    if name == "memory_in_a_step":
+        return task_dict(estimator={"pipeline": [["reduce", "sklearn.cluster.FeatureAgglomeration"],
+                                                 ["tree", "sklearn.tree.DecisionTreeClassifier"]]},
+                         search_space={"reduce__memory": [None, "cache"], "reduce__n_clusters": [2]})
+    if name == "path_like_value":
+        return task_dict(search_space={"criterion": ["gini", "~/gini"]})
     raise AssertionError(name)
+
+
+PIPELINE_STEPS = {
+    "step_name_with_dunder": [["scale", "sklearn.preprocessing.StandardScaler"], ["s__vc", "sklearn.svm.SVC"]],
+    "step_names_repeat": [["svc", "sklearn.preprocessing.StandardScaler"], ["svc", "sklearn.svm.SVC"]],
+    "step_not_a_pair": [["scale", "sklearn.preprocessing.StandardScaler"], ["svc", "sklearn.svm.SVC", "x"]],
+    "step_not_a_list": [["scale", "sklearn.preprocessing.StandardScaler"], "sklearn.svm.SVC"],
+}
 
 
 CASES = {
@@ -114,6 +153,22 @@ CASES = {
     "negative_sample_rate": "options.verification.sample_rate",
     "sample_rate_above_one": "options.verification.sample_rate",
     "negative_tolerance": "options.verification.rel_tolerance",
+    "duplicate_top_key": "name: this key appears twice",
+    "duplicate_nested_key": "options.search_space.max_depth: this key appears twice",
+    "when_on_float": "options.search_space.max_depth.when.ccp_alpha: ccp_alpha is a continuous float",
+    "cmaes_all_categorical": "options.algorithm: cmaes searches int and float parameters",
+    "pipeline_as_estimator": 'needs constructor arguments (steps); write the pipeline as {"pipeline"',
+    "meta_estimator": "needs constructor arguments (estimator); meta-estimators are not supported",
+    "step_name_with_dunder": "options.estimator.pipeline[1]: step name 's__vc' must be non-empty and contain no '__'",
+    "step_names_repeat": "options.estimator.pipeline[1]: step name 'svc' is also step 0's",
+    "step_not_a_pair": "options.estimator.pipeline[1]: a step is a [name, import path] pair",
+    "step_not_a_list": "options.estimator.pipeline[1]: a step is a [name, import path] pair",
+    "dict_fixed_value": "options.search_space.class_weight.value: objects are not supported",
+    "dict_choice": "options.search_space.class_weight.choices[1]: objects are not supported",
+    "dict_shorthand": 'options.search_space.class_weight: a parameter object needs "type"',
+    "memory_fixed": "options.search_space.memory: memory takes a file or directory",
+    "memory_in_a_step": "options.search_space.reduce__memory: memory takes a file or directory ('cache')",
+    "path_like_value": "options.search_space.criterion: '~/gini' looks like a file path",
 }
 
 
