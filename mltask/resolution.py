@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def _check_text_columns(estimator: object, fixed: dict, data: Dataset) -> None:
 
     sample = slice(0, min(len(data.y), 200))
     try:
-        clone(estimator).set_params(**fixed).fit(data.X[sample], data.y[sample])
+        with warnings.catch_warnings():  # a probe on 200 rows: its ConvergenceWarning says nothing of the search
+            warnings.simplefilter("ignore")
+            clone(estimator).set_params(**fixed).fit(data.X[sample], data.y[sample])
     except Exception as exc:  # whatever the estimator raises, the cause is the text columns
         raise TaskError(
             "options.dataset",
