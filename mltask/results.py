@@ -53,8 +53,9 @@ class Summary:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The first-ranked trial; of several tied, the one the verifier re-ran in full."""
-        ranked = sorted(self.complete, key=lambda r: (r["rank_test_score"], r["verified"] != "full", r["number"]))
+        """The first-ranked trial; of several tied, the one the verifier checked most."""
+        checked = {"full": 0, "spot": 1}
+        ranked = sorted(self.complete, key=lambda r: (r["rank_test_score"], checked.get(r["verified"], 2), r["number"]))
         return ranked[0] if ranked else None
 
     def counts(self) -> dict[str, int]:
@@ -79,9 +80,9 @@ class Summary:
                     "a provider could have faked it."]
         if best is None or best["verified"] == "full":
             return []
-        how = "only spot-checked" if best["verified"] == "spot" else "not re-run at all"
-        return [f"the reported best (trial {best['number']}) was {how}, not re-run in full: the search ended "
-                f"({self.status}) before its check; resume the task to verify it (`mltask tasks resume DIR`)."]
+        how = "only spot-checked" if best["verified"] == "spot" else "never re-run"
+        return [f"the reported best (trial {best['number']}) was not re-run in full ({how}): the search ended "
+                f"({self.status}) before its final check; resume the task to verify it (`mltask tasks resume DIR`)."]
 
 
 def summarize(store: Store, status: str) -> Summary:
