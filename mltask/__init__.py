@@ -1,8 +1,10 @@
 """mltask: machine-learning hyperparameter search as a Golem task type."""
 
+from mltask.errors import AllTrialsFailed
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "run_task"]
+__all__ = ["AllTrialsFailed", "__version__", "run_task"]
 
 
 def __getattr__(name: str):  # lazy: `python -m mltask.provider` should not import the requestor side

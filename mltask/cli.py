@@ -11,7 +11,9 @@
     mltask image build [--base IMAGE] [--tag TAG]
     mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
 
-Every user mistake ends as one line on stderr naming the field and the fix, exit code 2.
+Every user mistake ends as one line on stderr naming the field and the fix, exit code 2; so
+does a search whose every trial failed (after writing its results, with the most common
+errors and their counts). A search stopped early (timeout, Ctrl-C, abort) exits 1.
 """
 
 from __future__ import annotations
@@ -108,21 +110,32 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "schema":
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].schema(), indent=2))
         elif args.action == "show":
-            from mltask.console import leaderboard
+            from mltask.console import failure_lines, leaderboard
             from mltask.runner import show
 
             summary = show(args.dir)
             counts = summary.counts()
+            running = f", {counts['running']} running" if counts["running"] else ""
             out.print(
                 f"{summary.name} ({summary.task_id}): {summary.status}; {counts['complete']} complete, "
-                f"{counts['failed']} failed of {counts['planned']}"
+                f"{counts['failed']} failed{running} of {counts['planned']}", highlight=False
             )
             out.print(leaderboard(summary))
+            for line in failure_lines(summary):
+                out.print(line, highlight=False, markup=False)
         elif args.action == "abort":
             from mltask.runner import abort_task
 
-            abort_task(args.dir)
-            out.print(f"abort requested; resume with: mltask tasks resume {args.dir}", highlight=False)
+            status = abort_task(args.dir)
+            if status in (None, "running"):
+                said = (f"abort requested (a running task stops within a second); resume with: "
+                        f"mltask tasks resume {args.dir}")
+            elif status in ("finished", "failed"):
+                said = f"the task in {args.dir} already ended ({status}); nothing to abort"
+            else:
+                said = (f"the task in {args.dir} is not running ({status}); nothing to abort - carry on with: "
+                        f"mltask tasks resume {args.dir}")
+            out.print(said, highlight=False, soft_wrap=True)
         else:
             from mltask.runner import resume_task, run_task
 
@@ -141,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     except TaskError as exc:
         print(f"mltask: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # a second Ctrl-C while cleaning up: state is safe (transactions)
-        print("mltask: stopped at once; the task state is intact - `mltask tasks resume DIR` carries on",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C while cleaning up: state is safe (transactions)
+        where = getattr(exc, "output_dir", None) or getattr(args, "dir", None)
+        tail = f"; the task state is intact - `mltask tasks resume {where}` carries on" if where else ""
+        print(f"mltask: stopped at once{tail}", file=sys.stderr)
         return 130
     return 0
 

@@ -8,6 +8,8 @@ traceback.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic_core import PydanticCustomError
@@ -25,6 +27,42 @@ class TaskError(Exception):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
+
+
+class AllTrialsFailed(TaskError):
+    """Every trial of a search failed, as scikit-learn's "All N fits failed".
+
+    Raised after the results were written (every trial's error is in them): a search that
+    produced nothing must not look like one that worked. ``errors`` holds each distinct
+    error with the number of trials that failed with it, most common first.
+    """
+
+    def __init__(self, n_failed: int, errors: list[tuple[str, int]], output_dir: Path) -> None:
+        self.errors = errors
+        self.output_dir = output_dir
+        shown = "; ".join(f"{count}× {one_line(text)}" for text, count in errors[:_ERRORS_SHOWN])
+        more = f"; and {len(errors) - _ERRORS_SHOWN} other errors" if len(errors) > _ERRORS_SHOWN else ""
+        super().__init__(
+            "", f"all {n_failed} trials failed: {shown}{more}; fix the task and create it again "
+            f"(each trial's error is in {output_dir / 'results.csv'})"
+        )
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C while a stopped task was being saved; its state file is intact."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        super().__init__(str(output_dir))
+
+
+_ERRORS_SHOWN = 3
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """An error text on one line, at most ``limit`` characters: tracebacks and hints span many."""
+    flat = re.sub(r"\s+", " ", text).strip()
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def pydantic_error_to_task_error(exc: pydantic.ValidationError, prefix: str = "") -> TaskError:

@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from typing import Any
 
-from mltask.results import Summary
+from mltask.errors import one_line
+from mltask.results import Summary, format_value
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "convergence.png"
 _LEADERBOARD_ROWS = 15
+_ERRORS_LISTED = 10
 
 
 def plot_convergence(summary: Summary, path: Path) -> None:
-    """Each trial's score in finishing order, and the best so far: did the search settle?"""
+    """Each trial's score in finishing order, and the best so far: did the search settle?
+
+    Failed trials have no score; they keep their place in the finishing order and are
+    marked with a cross on the x axis, so a run of failures shows where it happened.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(summary.complete, key=lambda r: (r["finished_at"] or 0, r["number"]))
-    scores = [r["mean_test_score"] for r in rows]
+    settled = sorted((r for r in summary.rows if r["state"] in ("complete", "failed")),
+                     key=lambda r: (r["finished_at"] or 0, r["number"]))
+    done = [(x, r["mean_test_score"]) for x, r in enumerate(settled, 1) if r["state"] == "complete"]
+    failed = [x for x, r in enumerate(settled, 1) if r["state"] == "failed"]
+    xs, scores = [x for x, _ in done], [s for _, s in done]
     pick = max if summary.direction == "maximize" else min
     best = [pick(scores[: i + 1]) for i in range(len(scores))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.scatter(range(1, len(scores) + 1), scores, s=14, alpha=0.6, label="trial")
-    ax.step(range(1, len(best) + 1), best, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trials finished")
-    ax.set_ylabel(summary.scoring)
+    ax.scatter(xs, scores, s=14, alpha=0.6, label="trial")
+    ax.step(xs, best, where="post", color="C3", label="best so far")
+    if failed:
+        ax.plot(failed, [0.03] * len(failed), "x", color="C7", transform=ax.get_xaxis_transform(),
+                label=f"failed, no score ({len(failed)})")
+    ax.set_xlabel("trials finished" + (" (failed ones included)" if failed else ""))
+    ax.set_ylabel(f"{summary.scoring} ({summary.direction})")
     ax.set_title(f"{summary.name}: {summary.algorithm} search")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if summary.direction == "maximize" else "upper right")
@@ -35,8 +49,9 @@ def plot_convergence(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
-def verification_lines(v: dict) -> list[str]:
-    """The verification figures, with a loud warning when the best-check was turned off."""
+def verification_lines(summary: Summary) -> list[str]:
+    """The verification figures, with a loud warning when the best was not re-run in full."""
+    v = summary.verification
     lines = [
         f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked, "
         f"{v['unverified']} unverified; {v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; "
@@ -44,25 +59,38 @@ def verification_lines(v: dict) -> list[str]:
     ]
     if v["banned_providers"]:
         lines.append("- banned providers: " + "; ".join(f"{p} ({r})" for p, r in v["banned_providers"].items()))
-    if not v["best_check"]:
-        lines.append("- **WARNING: the best configuration was NOT verified (verification.verify_best is false); "
-                     "a provider could have faked it.**")
+    lines += [f"- **WARNING: {warning}**" for warning in summary.warnings()]
     return lines
 
 
-def write_report(output_dir: Path, summary: Summary, notes: list[str]) -> Path:
-    """Markdown: what ran, the best configuration, the plot, the top of the leaderboard."""
+def duration(seconds: float) -> str:
+    """``12.3 s`` or ``0:04:05``."""
+    return f"{seconds:.1f} s" if seconds < 100 else str(datetime.timedelta(seconds=round(seconds)))
+
+
+def write_report(output_dir: Path, summary: Summary, notes: list[str], timing: dict[str, Any] | None = None) -> Path:
+    """Markdown: what ran on what, how it went, the best configuration, the plot, the leaderboard."""
     counts = summary.counts()
     lines = [
         f"# {summary.name}",
         "",
         f"- task id: `{summary.task_id}`; status: **{summary.status}**",
+    ]
+    if not summary.complete and counts["failed"]:
+        lines.append(f"- **all {counts['failed']} trials that ran failed**; no configuration has a score "
+                     "(the errors are below)")
+    lines += [
+        f"- estimator: `{summary.estimator}`",
+        f"- dataset: {summary.dataset}; cross-validation: {summary.cv}",
         f"- algorithm: {summary.algorithm}; scoring: {summary.scoring} ({summary.direction})",
         f"- trials: {counts['complete']} complete, {counts['failed']} failed, of {counts['planned']} planned",
-        *[f"- {note}" for note in notes],
-        *verification_lines(summary.verification),
-        "",
     ]
+    if timing and "search_seconds" in timing:
+        search, refit, runs = timing["search_seconds"], timing.get("refit_seconds", 0.0), timing.get("runs", 1)
+        over = f" over {runs} runs" if runs > 1 else ""
+        lines.append(f"- wall time: {duration(search + refit)} (search {duration(search)}{over}, "
+                     f"refit {duration(refit)})")
+    lines += [*[f"- {note}" for note in notes], *verification_lines(summary), ""]
     best = summary.best
     if best is not None:
         lines += [
@@ -72,24 +100,46 @@ def write_report(output_dir: Path, summary: Summary, notes: list[str]) -> Path:
             "",
             "| parameter | value |",
             "|---|---|",
-            *[f"| {k} | {v!r} |" for k, v in best["params"].items()],
+            *[f"| {k} | {_cell(v)} |" for k, v in best["params"].items()],
             "",
         ]
         plot_convergence(summary, output_dir / PLOT_FILE)
-        lines += ["## Convergence", "", f"![convergence]({PLOT_FILE})", ""]
-    names = list(best["params"]) if best else []
-    ranked = sorted(summary.rows, key=lambda r: r["rank_test_score"])[:_LEADERBOARD_ROWS]
-    lines += [
-        "## Leaderboard",
-        "",
-        "| rank | trial | mean | std | " + " | ".join(names) + " | provider |",
-        "|---" * (5 + len(names)) + "|",
-    ]
-    for r in ranked:
-        mean = f"{r['mean_test_score']:.6g}" if r["mean_test_score"] is not None else r["state"]
-        std = f"{r['std_test_score']:.3g}" if r["std_test_score"] is not None else ""
-        values = " | ".join(repr(r["params"].get(n, "")) for n in names)
-        lines.append(f"| {r['rank_test_score']} | {r['number']} | {mean} | {std} | {values} | {r['provider']} |")
+        failed = f" Crosses on the x axis mark the {counts['failed']} failed trials." if counts["failed"] else ""
+        lines += ["## Convergence", "", f"![convergence]({PLOT_FILE}){failed}", ""]
+    lines += ["## Leaderboard", "", *_leaderboard(summary), ""]
+    lines += _failures(summary)
     path = output_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _leaderboard(summary: Summary) -> list[str]:
+    """The best complete trials; a parameter a trial did not use (``when``) is blank."""
+    ranked = sorted(summary.complete, key=lambda r: r["rank_test_score"])[:_LEADERBOARD_ROWS]
+    if not ranked:
+        return ["No trial completed."]
+    names = summary.param_names
+    header = ["rank", "trial", "mean", "std", *names, "provider"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in ranked:
+        cells = [r["rank_test_score"], r["number"], f"{r['mean_test_score']:.6g}", f"{r['std_test_score']:.3g}",
+                 *[r["params"].get(n, "") for n in names], r["provider"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _failures(summary: Summary) -> list[str]:
+    errors = summary.errors()
+    if not errors:
+        return []
+    lines = ["## Failed trials", "", "| trials | error |", "|---|---|"]
+    lines += [f"| {count} | {_cell(one_line(error, 1000))} |" for error, count in errors[:_ERRORS_LISTED]]
+    if len(errors) > _ERRORS_LISTED:
+        lines.append(f"| {sum(c for _, c in errors[_ERRORS_LISTED:])} | {len(errors) - _ERRORS_LISTED} other errors "
+                     "(see `results.csv`) |")
+    return [*lines, ""]
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: a ``|`` or a line break in provider text must not break the table."""
+    return format_value(value).replace("|", "\\|").replace("\n", " ")

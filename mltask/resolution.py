@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -204,7 +205,9 @@ def _check_text_columns(estimator: object, fixed: dict, data: Dataset) -> None:
 
     sample = slice(0, min(len(data.y), 200))
     try:
-        clone(estimator).set_params(**estimator_params(fixed)).fit(data.X[sample], data.y[sample])
+        with warnings.catch_warnings():  # a probe on 200 rows: its ConvergenceWarning says nothing of the search
+            warnings.simplefilter("ignore")
+            clone(estimator).set_params(**estimator_params(fixed)).fit(data.X[sample], data.y[sample])
     except Exception as exc:  # whatever the estimator raises, the cause is the text columns
         raise TaskError(
             "options.dataset",

@@ -6,15 +6,19 @@ same thing, and results can be rewritten at any time from the state file alone.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
-import math
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mltask.definition import CVSpec, DatasetSpec, PipelineSpec
+from mltask.errors import one_line
 from mltask.protocol import Problem, TrialSpec, write_json_atomic
 from mltask.store import Store
 
@@ -38,6 +42,10 @@ class Summary:
     rows: list[dict[str, Any]]
     verification: dict[str, Any]
     costs: dict[str, Any]  # GLM per provider and subtask (golem backend); empty elsewhere
+    parameters: list[str]  # the search space's names, in its order
+    estimator: str  # what was tuned: an import path, pipeline steps or a training script
+    dataset: str
+    cv: str
 
     @property
     def complete(self) -> list[dict[str, Any]]:
@@ -45,12 +53,36 @@ class Summary:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        ranked = sorted(self.complete, key=lambda r: r["rank_test_score"])
+        """The first-ranked trial; of several tied, the one the verifier checked most."""
+        checked = {"full": 0, "spot": 1}
+        ranked = sorted(self.complete, key=lambda r: (r["rank_test_score"], checked.get(r["verified"], 2), r["number"]))
         return ranked[0] if ranked else None
 
     def counts(self) -> dict[str, int]:
         states = [r["state"] for r in self.rows]
         return {s: states.count(s) for s in ("complete", "failed", "running")} | {"planned": self.n_trials}
+
+    @property
+    def param_names(self) -> list[str]:
+        """The parameters any trial has, conditional ones included (blank where inactive)."""
+        present = {name for r in self.rows for name in r["params"]}
+        return [n for n in self.parameters if n in present] + sorted(present - set(self.parameters))
+
+    def errors(self) -> list[tuple[str, int]]:
+        """Each distinct error of the failed trials and how many trials it failed, most common first."""
+        return Counter(r["error"] or "no error text" for r in self.rows if r["state"] == "failed").most_common()
+
+    def warnings(self) -> list[str]:
+        """What a reader must know before trusting the reported best configuration."""
+        best = self.best
+        if not self.verification["best_check"]:
+            return ["the best configuration was NOT verified (verification.verify_best is false); "
+                    "a provider could have faked it."]
+        if best is None or best["verified"] == "full":
+            return []
+        how = "only spot-checked" if best["verified"] == "spot" else "never re-run"
+        return [f"the reported best (trial {best['number']}) was not re-run in full ({how}): the search ended "
+                f"({self.status}) before its final check; resume the task to verify it (`mltask tasks resume DIR`)."]
 
 
 def summarize(store: Store, status: str) -> Summary:
@@ -64,14 +96,38 @@ def summarize(store: Store, status: str) -> Summary:
         task_id=meta["task_id"],
         name=definition["name"],
         algorithm=definition["options"]["algorithm"],
-        scoring=problem.scoring or f"script ({direction})",
+        scoring=problem.scoring or f"score returned by {problem.script.file if problem.script else 'the script'}",
         direction=direction,
         n_trials=int(meta["n_trials"]),
         status=status,
         rows=rows,
         verification=_verification(store, definition["options"].get("verification") or {}),
         costs=json.loads(store.meta_value("costs") or "{}"),
+        parameters=list(definition["options"]["search_space"]),
+        estimator=_describe_estimator(problem),
+        dataset=_describe_dataset(problem.dataset),
+        cv=_describe_cv(problem.cv),
     )
+
+
+def _describe_estimator(problem: Problem) -> str:
+    if problem.script is not None:
+        return f"training script {problem.script.file} ({problem.script.function})"
+    spec = problem.estimator
+    if isinstance(spec, PipelineSpec):
+        return "pipeline " + " → ".join(f"{name}: {path}" for name, path in spec.pipeline)
+    return str(spec)
+
+
+def _describe_dataset(spec: DatasetSpec) -> str:
+    if spec.builtin:
+        return f"{spec.builtin} (scikit-learn built-in)"
+    return f"{spec.csv} (target column {spec.target})" if spec.csv else str(spec.npz)
+
+
+def _describe_cv(cv: CVSpec) -> str:
+    split = f"holdout, {cv.test_size:.0%} for validation" if cv.kind == "holdout" else f"{cv.kind} {cv.folds}-fold"
+    return f"{split}, shuffled with seed {cv.seed}" if cv.shuffle else f"{split}, not shuffled"
 
 
 def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +171,7 @@ def _row(trial: Any) -> dict[str, Any]:
         seed=trial.seed,
         subtask=trial.subtask_id,
         provider=trial.provider,
+        verified=trial.verified,
         fingerprint=result.get("fingerprint"),
         error=result.get("error"),
         params=trial.params,
@@ -124,27 +181,38 @@ def _row(trial: Any) -> dict[str, Any]:
 
 
 def _rank(rows: list[dict[str, Any]], direction: str) -> None:
-    # scikit-learn's rank_test_score: 1 is best, ties share the lower rank, failures last.
+    # scikit-learn's rank_test_score: 1 is best, ties share the lower rank. A failed or unfinished
+    # trial has no rank (scikit-learn ranks failures last, all of them 1 when every fit failed).
     # Means are rounded first so that float noise (0.9466...669 vs ...667) does not split a tie.
     sign = -1.0 if direction == "maximize" else 1.0
-    scores = [round(sign * r["mean_test_score"], 12) if r["state"] == "complete" else math.inf for r in rows]
-    order = sorted(scores)
-    for row, score in zip(rows, scores, strict=True):
-        row["rank_test_score"] = order.index(score) + 1
+    key = {id(r): round(sign * r["mean_test_score"], 12) for r in rows if r["state"] == "complete"}
+    order = sorted(key.values())
+    for row in rows:
+        row["rank_test_score"] = bisect.bisect_left(order, key[id(row)]) + 1 if id(row) in key else None
 
 
-def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | None = None) -> None:
-    """``results.json``, ``results.csv`` and ``best.json``."""
+def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | None = None,
+                  extra_warnings: list[str] | None = None) -> None:
+    """``results.json``, ``results.csv`` and ``best.json``; ``extra_warnings`` add to the summary's own."""
     best = summary.best
     document = {
         "task_id": summary.task_id,
         "name": summary.name,
         "status": summary.status,
         "algorithm": summary.algorithm,
+        "estimator": summary.estimator,
+        "dataset": summary.dataset,
+        "cv": summary.cv,
         "scoring": summary.scoring,
         "direction": summary.direction,
         "counts": summary.counts(),
         "best": _best_record(summary),
+        "warnings": summary.warnings() + (extra_warnings or []),
+        "errors": [
+            {"error": error, "count": count,
+             "trials": [r["number"] for r in summary.rows if r["state"] == "failed" and r["error"] == error]}
+            for error, count in summary.errors()
+        ],
         "verification": summary.verification,
         "costs": summary.costs,
         **(extra or {}),
@@ -158,9 +226,32 @@ def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | No
     with open(output_dir / RESULTS_CSV, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows({k: v for k, v in r.items() if k != "params"} for r in summary.rows)
+        writer.writerows({k: _csv_cell(v) for k, v in r.items() if k != "params"} for r in summary.rows)
     if best is None:
         (output_dir / BEST_JSON).unlink()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """OWASP's defence against CSV injection: text a spreadsheet would run as a formula gets a leading quote.
+
+    Provider-written text (an error message) lands in this file, and ``=HYPERLINK(...)`` in a
+    cell runs when the file is opened. Numbers, and text that is a number (``-0.5``), stay as they are.
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def format_value(value: Any) -> str:
+    """A parameter value for people: floats to 6 significant digits, anything else as it is."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _best_record(summary: Summary) -> dict[str, Any] | None:
@@ -172,28 +263,38 @@ def _best_record(summary: Summary) -> dict[str, Any] | None:
         "params": best["params"],
         "mean_score": best["mean_test_score"],
         "std_score": best["std_test_score"],
+        "verified": best["verified"],
         "scoring": summary.scoring,
         "direction": summary.direction,
     }
 
 
-def refit_best(output_dir: Path, problem: Problem, summary: Summary, resources_dir: Path) -> Path | None:
+def refit_best(
+    output_dir: Path, problem: Problem, summary: Summary, resources_dir: Path
+) -> tuple[Path | None, list[str]]:
     """Fit the best configuration on all the data, on the requestor, and save it with joblib.
 
-    Scripts return scores, not models, so only estimator tasks get a refit model.
+    Scripts return scores, not models, so only estimator tasks get a refit model. The fit
+    has one BLAS/OpenMP thread, as every trial had (an estimator's own ``n_jobs`` is left as
+    configured); its warnings (a ``ConvergenceWarning``...) are returned, each distinct one
+    once, instead of being printed in the middle of the output.
     """
     best = summary.best
     if best is None or problem.estimator is None:
-        return None
+        return None, []
     import joblib
 
     from mltask.data import load_dataset
     from mltask.problem import build_estimator, trial_params
+    from mltask.provider import one_thread
 
     data = load_dataset(problem.dataset, resources_dir)
     model = build_estimator(problem)
     spec = TrialSpec(number=best["number"], params=best["params"], seed=best["seed"])
-    model.set_params(**trial_params(model, spec)).fit(data.X, data.y)
+    with warnings.catch_warnings(record=True) as caught, one_thread():
+        warnings.simplefilter("always")
+        model.set_params(**trial_params(model, spec)).fit(data.X, data.y)
     path = output_dir / MODEL_FILE
     joblib.dump(model, path)
-    return path
+    said = dict.fromkeys(f"refit: {w.category.__name__}: {one_line(str(w.message), 200)}" for w in caught)
+    return path, list(said)

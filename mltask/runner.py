@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -13,9 +14,9 @@ from typing import Any
 from rich.console import Console
 
 from mltask.backends import make_backend
-from mltask.console import SearchProgress, leaderboard
+from mltask.console import SearchProgress, failure_lines, leaderboard, phase
 from mltask.definition import PipelineSpec, TaskDefinition, load_definition, parse_definition
-from mltask.errors import TaskError
+from mltask.errors import AllTrialsFailed, Interrupted, TaskError
 from mltask.outdir import RESOURCES_DIR, SCRATCH_DIR, STATE_FILE, claim, output_path, seal
 from mltask.protocol import Problem
 from mltask.report import REPORT_FILE, verification_lines, write_report
@@ -24,6 +25,7 @@ from mltask.results import (
     RESULTS_CSV,
     RESULTS_JSON,
     Summary,
+    format_value,
     refit_best,
     summarize,
     write_results,
@@ -68,8 +70,9 @@ def run_task(
     make_backend(backend, workers, definition, image=image).check()  # before any write
     roots = [resources_root] if isinstance(resources_root, (str, Path)) else list(resources_root or ())
     with claim(output_dir):
-        search = HyperparameterSearchTask.create(definition, base_dir, output_dir, force=force,
-                                                 resources_roots=[Path(r) for r in roots])
+        with phase(console, f"resolving {definition.name}: loading the dataset, checking the estimator and resources"):
+            search = HyperparameterSearchTask.create(definition, base_dir, output_dir, force=force,
+                                                     resources_roots=[Path(r) for r in roots])
         return _sealed(search, backend, workers, image, quiet, console)
 
 
@@ -100,13 +103,19 @@ def resume_task(
         return _sealed(search, backend, workers, image, quiet, console)
 
 
-def abort_task(output_dir: str | Path) -> None:
-    """Ask a running task to stop (it checks every second); a stopped task is marked aborted."""
+def abort_task(output_dir: str | Path) -> str | None:
+    """Ask a running task to stop (it checks every second); return its status before the call.
+
+    Only a running task (or one whose process died while running) is asked to stop and marked
+    aborted; a finished, failed or already stopped one is left as it is.
+    """
     store = Store.open(Path(output_dir) / STATE_FILE)
     try:
-        store.set_meta("abort_requested", "1")
-        if store.meta_value("status") in (None, "running"):
+        status = store.meta_value("status")
+        if status in (None, "running"):
+            store.set_meta("abort_requested", "1")
             store.set_meta("status", "aborted")
+        return status
     finally:
         store.close()
 
@@ -125,61 +134,98 @@ def _execute(search: HyperparameterSearchTask, backend: str, workers: int | None
     """Drive ``search`` on a backend, then write results for whatever finished.
 
     Ctrl-C stops the workers and keeps the state (every store write is a transaction, so a
-    second Ctrl-C while cleaning up cannot corrupt it); the task can be resumed.
+    second Ctrl-C while cleaning up cannot corrupt it: it ends as :class:`Interrupted`,
+    which names the output dir to resume). A search whose every trial failed raises
+    :class:`AllTrialsFailed` once its results are written.
     """
     output_dir = search.output_dir
-    search.store.set_meta("status", "running")
+    store = search.store
+    store.set_meta("status", "running")
     started = time.monotonic()
     status = "finished"
     stopped: TaskError | None = None
-    with make_backend(backend, workers, search.definition, image=image,
-                      preload=preload_modules(search.problem)) as runner:
-        runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
-        with SearchProgress(console, search.n_trials, search.definition.name, enabled=not quiet) as bar:
-            bar.update(search.progress(), force=True)
-            try:
-                status = drive(search, runner, timeout=search.definition.timeout_seconds, on_update=bar.update)
-            except KeyboardInterrupt:
-                status = "interrupted"
-            except TaskError as exc:  # no provider can go on (market timeout, budget, bans): keep what finished
-                status, stopped = "stopped", exc
-            bar.update(search.progress(), force=True)
-            costs = runner.costs()
-            if costs:
-                search.store.set_meta("costs", json.dumps(costs))
-    search_seconds = time.monotonic() - started
-    shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
-    search.store.set_meta("status", status)
-    result = finish(search.store, output_dir, console, timing={"search_seconds": round(search_seconds, 3)})
-    search.store.close()
+    try:
+        with make_backend(backend, workers, search.definition, image=image,
+                          preload=preload_modules(search.problem)) as runner:
+            plural = "s" if runner.workers != 1 else ""
+            with phase(console, f"starting the {backend} backend ({runner.workers} provider{plural})"):
+                runner.start(search.resources_dir, output_dir / SCRATCH_DIR)
+            with SearchProgress(console, search.n_trials, search.definition.name, enabled=not quiet,
+                                errors=store.errors) as bar:
+                bar.update(search.progress(), force=True)
+                try:
+                    status = drive(search, runner, timeout=search.definition.timeout_seconds, on_update=bar.update)
+                except KeyboardInterrupt:
+                    status = "interrupted"
+                except TaskError as exc:  # no provider can go on (market timeout, budget, bans): keep what finished
+                    status, stopped = "stopped", exc
+                bar.update(search.progress(), force=True)
+                costs = runner.costs()
+                if costs:
+                    store.set_meta("costs", json.dumps(costs))
+        shutil.rmtree(output_dir / SCRATCH_DIR, ignore_errors=True)
+        store.set_meta("status", status)
+        result = finish(store, output_dir, console, timing=_timing(store, time.monotonic() - started))
+    except KeyboardInterrupt:
+        raise Interrupted(output_dir) from None
+    finally:
+        store.close()
     if status != "finished":
         _say(console, f"{status}; to carry on: mltask tasks resume {output_dir}")
     if stopped is not None:
         raise stopped
+    if result.summary.status == "failed":
+        raise AllTrialsFailed(result.summary.counts()["failed"], result.summary.errors(), output_dir)
     return result
 
 
+def _timing(store: Store, seconds: float) -> dict[str, float]:
+    """This run's search time added to the earlier runs' (a resumed task's time is their sum)."""
+    total = float(store.meta_value("search_seconds") or 0.0) + seconds
+    runs = int(store.meta_value("runs") or 0) + 1
+    store.set_meta("search_seconds", repr(total))
+    store.set_meta("runs", str(runs))
+    return {"search_seconds": round(total, 3), "runs": runs}
+
+
 def finish(store: Store, output_dir: Path, console: Console, timing: dict[str, float]) -> RunResult:
-    """Refit the best model, write every result file, print the leaderboard."""
+    """Refit the best model, write every result file, print the leaderboard and what went wrong.
+
+    A search that ran to its end without one trial completing has ``failed``, whatever its
+    driver says: like scikit-learn's "All N fits failed", it must not pass for a result.
+    """
     meta = store.meta()
     summary = summarize(store, meta.get("status", "running"))
+    if summary.status == "finished" and not summary.complete:
+        store.set_meta("status", "failed")
+        summary = dataclasses.replace(summary, status="failed")
     problem = Problem.model_validate_json(meta["problem"])
     t0 = time.monotonic()
-    model_path = refit_best(output_dir, problem, summary, output_dir / RESOURCES_DIR)
+    model_path, refit_warnings = refit_best(output_dir, problem, summary, output_dir / RESOURCES_DIR)
     timing["refit_seconds"] = round(time.monotonic() - t0, 3)
-    write_results(output_dir, summary, extra={"timing": timing})
-    notes = [f"refit model: `{MODEL_FILE}`" if model_path else "no refit model (script tasks return scores only)"]
-    write_report(output_dir, summary, notes)
+    write_results(output_dir, summary, extra={"timing": timing}, extra_warnings=refit_warnings)
+    write_report(output_dir, summary, [_model_note(problem, model_path), *refit_warnings], timing)
     if summary.complete:
         console.print(leaderboard(summary))
-    for line in verification_lines(summary.verification):
+    if summary.status != "failed":  # else the error raised names them
+        for line in failure_lines(summary):
+            _say(console, line)
+    for line in [*verification_lines(summary), *refit_warnings]:
         _say(console, line.removeprefix("- ").replace("**", ""))
     best = summary.best
     if best is not None:
-        score = f"{summary.scoring} = {best['mean_test_score']:.6g}"
-        _say(console, f"best: trial {best['number']} {score} {best['params']}")
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in best["params"].items())
+        _say(console, f"best: trial {best['number']} {summary.scoring} = {best['mean_test_score']:.6g}; {params}")
     _say(console, f"status: {summary.status}; results in {output_dir}/ ({RESULTS_JSON}, {RESULTS_CSV}, {REPORT_FILE})")
     return RunResult(output_dir, summary, model_path)
+
+
+def _model_note(problem: Problem, model_path: Path | None) -> str:
+    if model_path is not None:
+        return f"refit model: `{MODEL_FILE}` (the best configuration fitted on all the data)"
+    if problem.estimator is None:
+        return "no refit model (script tasks return scores only)"
+    return "no refit model: no trial completed"
 
 
 def _say(console: Console, line: str) -> None:

@@ -358,6 +358,13 @@ class Store:
             for n, p, s, a, st, v, r, sid, prov, fin, ver in rows
         ]
 
+    def errors(self) -> list[tuple[int, str]]:
+        """Each failed trial's number and error, read without parsing every stored result."""
+        rows = self._conn.execute(
+            "SELECT number, json_extract(result, '$.error') FROM trials WHERE state = 'failed' ORDER BY number"
+        )
+        return [(n, error or "no error text") for n, error in rows]
+
     def subtasks(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM subtasks ORDER BY seq, created_at")
 

@@ -66,6 +66,7 @@ class Backend(abc.ABC):
     """Runs subtasks on providers; ``submit`` never blocks, ``wait`` collects what ended."""
 
     name: str
+    workers: int  # providers at once
 
     def check(self) -> None:  # noqa: B027 - most backends have nothing to check
         """Fail fast, before a task writes any state, if this backend cannot run (no daemon...)."""
