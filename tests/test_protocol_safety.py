@@ -65,6 +65,11 @@ def test_honest_result_reads_back(answered, tmp_path: Path) -> None:
         (lambda d: d["trials"][0].update(extra="field"), "schema"),
         (lambda d: d["trials"][0].update(fingerprint="not-hex"), "schema"),
         (lambda d: d.update(compute_time=-1), "schema"),
+        (lambda d: d.update(compute_time=1e300), "schema"),
+        (lambda d: d["trials"][0]["fit_times"].__setitem__(0, 1e300), "schema"),
+        (lambda d: d["trials"][0]["score_times"].__setitem__(0, 1e300), "schema"),
+        (lambda d: d["trials"][0]["score_times"].pop(), "lacks its 3 fold scores, times"),
+        (lambda d: d["trials"][0]["fit_times"].__setitem__(0, d["compute_time"] + 1), "more than the"),
     ],
 )
 def test_tampered_result_is_refused(answered, tmp_path: Path, tamper, message: str) -> None:
