@@ -45,6 +45,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+RESOURCE_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"  # a file name in the resources dir, never a path
 Params = dict[Annotated[str, Field(max_length=200)], Scalar]
 
 
@@ -55,7 +56,7 @@ class _Wire(BaseModel):
 class ResourceRef(_Wire):
     """A file in the resources dir; providers refuse to run if its hash differs."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$")]
+    name: Annotated[str, Field(pattern=RESOURCE_NAME)]
     sha256: Digest
     size: int = Field(ge=0)
 
