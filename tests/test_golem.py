@@ -196,45 +196,46 @@ class _Proposal:
         self.rejected = reason
 
 
+CHEAP = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}  # 0.36 GLM/h
+
+
 def _node(digit: str) -> str:
     return "0x" + digit * 40
 
 
-def test_offers_above_the_bid_or_from_excluded_providers_are_rejected() -> None:
+def _engaging() -> tuple[GolemBackend, list[tuple[str, str]]]:
+    """A backend (bid 0.5 GLM/h) that records whom it would engage, as (node id, name)."""
     backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
-    engaged: list[str] = []
+    engaged: list[tuple[str, str]] = []
 
     async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
-        engaged.append(provider_id)
+        engaged.append((provider_id, name))
 
     backend._engage = engage  # type: ignore[method-assign]
-    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}  # 0.36 GLM/h
+    return backend, engaged
+
+
+def test_offers_above_the_bid_or_from_excluded_providers_are_rejected() -> None:
+    backend, engaged = _engaging()
     dear = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.0002, 0.0002, 0.0]}  # 1.44 GLM/h
-    offers = [_Proposal(_node("a"), cheap), _Proposal(_node("b"), dear), _Proposal(_node("c"), {}),
-              _Proposal(_node("d"), cheap)]
+    offers = [_Proposal(_node("a"), CHEAP), _Proposal(_node("b"), dear), _Proposal(_node("c"), {}),
+              _Proposal(_node("d"), CHEAP)]
     backend._excluded.add(_node("d"))
     for offer in offers:
         asyncio.run(backend._consider(offer))
-    assert engaged == [_node("a")]
+    assert [node for node, _ in engaged] == [_node("a")]
     assert [o.rejected for o in offers] == [None, "above 0.5 GLM/h", "no linear price", "excluded"]
     assert backend._offers == {"seen": 4, "above_bid": 1, "unpriced": 1, "failed": 0}
 
 
 def test_providers_are_known_by_their_node_id_whatever_they_call_themselves() -> None:
-    backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
-    names: list[str] = []
-
-    async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
-        names.append(name)
-
-    backend._engage = engage  # type: ignore[method-assign]
-    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}
+    backend, engaged = _engaging()
     for alias in ("honest", "../../../../tmp/x", "honest"):  # a name is the offer's own claim
-        asyncio.run(backend._consider(_Proposal(_node("e"), {**cheap, "golem.node.id.name": alias})))
-    assert names == [f"golem-{_node('e')}"] * 3  # one key: a ban holds across names and agreements
-    odd = _Proposal("../x", cheap)
+        asyncio.run(backend._consider(_Proposal(_node("e"), {**CHEAP, "golem.node.id.name": alias})))
+    assert [name for _, name in engaged] == [f"golem-{_node('e')}"] * 3  # one key across names and agreements
+    odd = _Proposal("../x", CHEAP)
     asyncio.run(backend._consider(odd))
-    assert odd.rejected == "not a node id" and len(names) == 3
+    assert odd.rejected == "not a node id" and len(engaged) == 3
 
 
 def test_budget_refuses_a_subtask_that_could_pass_it() -> None:
@@ -286,7 +287,6 @@ def test_failed_provider_is_let_go_and_never_engaged_again(tmp_path: Path) -> No
 
 def test_a_failed_negotiation_does_not_end_the_market_search() -> None:
     backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
-    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}
     engaged: list[str] = []
 
     async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
@@ -297,7 +297,7 @@ def test_a_failed_negotiation_does_not_end_the_market_search() -> None:
     class _Demand:
         async def initial_proposals(self) -> Any:
             for issuer in (_node("b"), _node("9")):
-                yield _Proposal(issuer, cheap)
+                yield _Proposal(issuer, CHEAP)
 
     backend._engage = engage  # type: ignore[method-assign]
     backend._demand = _Demand()
