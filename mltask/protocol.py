@@ -40,12 +40,12 @@ MAX_SECONDS = 1e7
 # Timings of a subtask's trials lie within its compute time (one process, one clock); the
 # slack only absorbs float rounding of the sums.
 _TIME_SLACK = 1e-6
+RESOURCE_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"  # a file name in the resources dir, never a path
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
-RESOURCE_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"  # a file name in the resources dir, never a path
 Params = dict[Annotated[str, Field(max_length=200)], Scalar]
 
 
