@@ -207,7 +207,13 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.docker
 def test_image_carries_its_provider_policy(provider_image: str) -> None:
     probe = "from mltask.policy import POLICY_FILE, load_policy; print(POLICY_FILE, load_policy().modules)"
-    out = docker_client().containers.run(provider_image, ["python", "-c", probe], network_mode="none", remove=True)
+    container = docker_client().containers.create(provider_image, ["python", "-c", probe], network_mode="none")
+    try:
+        container.start()
+        container.wait(timeout=60)
+        out = container.logs(stderr=False)
+    finally:
+        container.remove(force=True, v=True)  # v: the image's anonymous volumes too
     assert out.decode().strip() == "/opt/mltask/policy.json ('sklearn.',)"
 
 
