@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mltask.data import Dataset
+from mltask.data import Dataset, resource_path
 from mltask.definition import CVSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
 from mltask.param_values import estimator_params
@@ -101,10 +101,8 @@ def _construct(cls: type, path: str, field: str) -> Any:
 
 
 def load_script(spec: ScriptSpec, resources_dir: Path) -> Callable[..., Any]:
-    """The script's training function, loaded from the resources dir."""
-    path = resources_dir / spec.file
-    if not path.is_file():
-        raise TaskError("options.script.file", f"{spec.file!r} is not among the resources; list it in `resources`")
+    """The script's training function, loaded from the resources dir (by name: never a path or a link)."""
+    path = resource_path(resources_dir, spec.file, "options.script.file")
     module_spec = importlib.util.spec_from_file_location(f"mltask_script_{path.stem}", path)
     assert module_spec is not None and module_spec.loader is not None
     module: ModuleType = importlib.util.module_from_spec(module_spec)

@@ -35,9 +35,15 @@ ERROR_FILE = "error.txt"  # written instead of a result when the provider itself
 ERROR_BYTES = 2000
 _BASE_RESULT_BYTES = 64 * 1024
 _PER_TRIAL_RESULT_BYTES = 32 * 1024
+# No honest fit, score or subtask takes longer (116 days); a provider's 1e300 is refused at once.
+MAX_SECONDS = 1e7
+# Timings of a subtask's trials lie within its compute time (one process, one clock); the
+# slack only absorbs float rounding of the sums.
+_TIME_SLACK = 1e-6
+RESOURCE_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"  # a file name in the resources dir, never a path
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 Params = dict[Annotated[str, Field(max_length=200)], Value]
@@ -50,7 +56,7 @@ class _Wire(BaseModel):
 class ResourceRef(_Wire):
     """A file in the resources dir; providers refuse to run if its hash differs."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$")]
+    name: Annotated[str, Field(pattern=RESOURCE_NAME)]
     sha256: Digest
     size: int = Field(ge=0)
 
@@ -196,7 +202,8 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
     folds = subtask_folds(subtask)
     for trial in result.trials:
         if trial.status == "ok":
-            if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.fold_fingerprints) == folds):
+            if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.score_times)
+                    == len(trial.fold_fingerprints) == folds):
                 raise ResultError(
                     f"trial {trial.number} is ok but lacks its {folds} fold scores, times or fingerprints")
             if trial.mean_score is None or trial.std_score is None:
@@ -207,6 +214,10 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
                 raise ResultError(f"trial {trial.number}: std_score is not the deviation of its fold scores")
         elif not trial.error:
             raise ResultError(f"trial {trial.number} failed without an error message")
+    timed = math.fsum(math.fsum(t.fit_times) + math.fsum(t.score_times) for t in result.trials)
+    if timed > result.compute_time * (1 + _TIME_SLACK) + _TIME_SLACK:
+        raise ResultError(f"fit and score times add up to {timed:.6g} s, more than the {result.compute_time:.6g} s "
+                          "compute time of the subtask")
 
 
 def _close(a: float, b: float) -> bool:

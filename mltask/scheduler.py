@@ -121,10 +121,12 @@ def settle(task: HyperparameterSearchTask, completion: Completion, verifier: Ver
     if task.is_banned(provider):
         task.reject(subtask_id, f"{provider} is banned")
         return
-    if completion.error or completion.output_dir is None:
+    if completion.refused is None and (completion.error or completion.output_dir is None):
         task.reject(subtask_id, f"{provider}: {completion.error or 'no output'}", fault=True)
         return
     try:
+        if completion.refused is not None:
+            raise ResultError(completion.refused)
         result = read_result(completion.output_dir, subtask)
     except MissingResult as exc:
         task.reject(subtask_id, f"{provider}: {exc}", fault=True)
