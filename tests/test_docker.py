@@ -17,7 +17,7 @@ from mltask import run_task
 from mltask.backends.docker import LABEL, DockerBackend
 from mltask.definition import parse_definition
 from mltask.image import docker_client
-from mltask.scheduler import make_verifier, settle
+from mltask.scheduler import make_verifier
 from mltask.task import HyperparameterSearchTask
 from tests.support import results, run_cli, task_dict, write_task
 
@@ -89,7 +89,7 @@ def test_search_in_containers_matches_the_local_backend(provider_image: str, tmp
 def test_container_is_sandboxed(provider_image: str, tmp_path: Path) -> None:
     data = _script_task(tmp_path, "escape", n=2, subtasks=1)
     # The requestor's re-run could escape (root, a network), so its scores would differ: no checks here.
-    data["options"]["verification"] = {"sample_rate": 0, "verify_best": False}
+    data["options"]["verification"] = {"budget": 0, "verify_best": False}
     run_task(write_task(tmp_path, data), backend="docker", workers=1, image=provider_image,
              output=tmp_path / "out", quiet=True)
     assert [t["mean_test_score"] for t in results(tmp_path / "out")["trials"]] == [0.0, 0.0]
@@ -143,7 +143,7 @@ def test_malicious_result_is_refused_and_its_provider_banned(
         done: list = []
         while not done:
             done = backend.wait(1.0)
-        settle(task, done[0], make_verifier(task))
+        make_verifier(task).settle(done[0], 0.0)
     assert "docker-0" in task.store.bans()
     [subtask] = task.store.subtasks()
     assert subtask["state"] == "rejected" and why in subtask["reason"]

@@ -96,7 +96,7 @@ def test_figures_in_results_and_report(tmp_path: Path) -> None:
 
 def test_disabled_best_check_is_reported_loudly(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_task(_search(verification={"verify_best": False, "sample_rate": 0}), workers=1, output=out, quiet=True)
+    run_task(_search(verification={"verify_best": False, "budget": 0}), workers=1, output=out, quiet=True)
     assert "WARNING: the best configuration was NOT verified" in (out / "report.md").read_text()
     assert results(out)["verification"]["verified_full"] == 0
 
