@@ -179,3 +179,88 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
                             "--quiet"], capsys)
     assert code == 2 and "cannot reach the Docker daemon" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before anything is created
+
+
+CHEATING_PROVIDER = '''#!/opt/mltask/bin/python
+"""mltask-provider, but every score it reports is 0.05 better than it computed."""
+import sys
+
+import mltask.provider as provider
+
+honest = provider.evaluate_subtask
+
+
+def inflated(subtask, resources_dir):
+    result = honest(subtask, resources_dir)
+    trials = []
+    for trial in result.trials:
+        if trial.status == "ok":
+            folds = [min(1.0, s + 0.05) for s in trial.fold_scores]
+            mean = sum(folds) / len(folds)
+            std = (sum((f - mean) ** 2 for f in folds) / len(folds)) ** 0.5
+            trial = trial.model_copy(update={"fold_scores": folds, "mean_score": mean, "std_score": std})
+        trials.append(trial)
+    return result.model_copy(update={"trials": trials})
+
+
+provider.evaluate_subtask = inflated
+sys.exit(provider.main())
+'''
+
+
+@pytest.fixture(scope="module")
+def dishonest_image(provider_image: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The provider image with its evaluation replaced by a cheat, as a dishonest provider would run."""
+    context = tmp_path_factory.mktemp("dishonest")
+    (context / "mltask-provider").write_text(CHEATING_PROVIDER)
+    (context / "Dockerfile").write_text(
+        f"FROM {provider_image}\nUSER root\nCOPY mltask-provider /opt/mltask/bin/mltask-provider\n"
+        "RUN chmod 755 /opt/mltask/bin/mltask-provider\nUSER 10001\n"
+    )
+    tag = f"{provider_image}-dishonest"
+    client = docker_client()
+    client.images.build(path=str(context), tag=tag, rm=True)
+    yield tag
+    client.images.remove(tag, force=True)
+
+
+class _OneDishonestContainer(DockerBackend):
+    """Containers of the provider image, except one of a dishonest image (test-side, not product code)."""
+
+    def __init__(self, dishonest: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dishonest = dishonest
+
+    def _start_container(self, slot: Any) -> None:
+        honest = self.image
+        self.image = self.dishonest.get(slot.name, honest)
+        try:
+            super()._start_container(slot)
+        finally:
+            self.image = honest
+
+
+@pytest.mark.docker
+def test_dishonest_container_is_banned_by_checks_delegated_to_the_others(
+    provider_image: str, dishonest_image: str, tmp_path: Path
+) -> None:
+    from tests.dishonest import run_inline
+
+    data = task_dict(n_trials=40, cv={"kind": "stratified", "folds": 5})
+    data["subtasks_count"] = 8
+    honest, _, _ = run_inline(data, tmp_path / "honest", {"a": None, "b": None})
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    from mltask.scheduler import drive
+
+    with _OneDishonestContainer({"docker-3": dishonest_image}, workers=4, image=provider_image) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        assert drive(task, backend, timeout=600) == "finished"
+    assert set(task.store.bans()) == {"docker-3"}
+    provider_of = {s["subtask_id"]: s["provider"] for s in task.store.subtasks("search")}
+    delegated = [v for v in task.store.verdicts() if v["by"].startswith("docker-")]
+    assert delegated and all(v["by"] != provider_of[v["subtask_id"]] for v in delegated)
+    best = task.best_trial()
+    assert best.verified == "full" and best.provider != "docker-3"
+    assert best.value == honest.best_trial().value  # the true best is reported
+    assert all(r.provider != "docker-3" for r in task.store.trials())
+    assert not _leftover_containers()
