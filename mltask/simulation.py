@@ -17,6 +17,11 @@ and stall it, so the backend moves its clock on by them before it does anything 
 
 The network: providers of different speeds, a share of subtasks lost to crashes or hangs
 past the timeout, honest providers leaving (mid-subtask: a fault) and others joining.
+
+A verification policy is measured as it runs for real, provided everything it times comes
+from a clock it is given (here :meth:`SimBackend.clock`) and its requestor-side re-runs go
+to a pool it is given (here :class:`SimReferee`, the pool in virtual time); re-runs inside
+the loop itself are charged as a stall.
 """
 
 from __future__ import annotations
@@ -262,6 +267,8 @@ class SimBackend(Backend):
             if kind == "done" and (run is None or run.token != token):
                 continue  # the provider left before it ended
             self.now = max(self.now, at)
+            if kind == "wake":
+                return []  # a re-run beside the loop ended: the loop polls for it
             if kind == "join":
                 self._joins -= 1
                 self._idle[provider] = at
@@ -284,6 +291,11 @@ class SimBackend(Backend):
         self._catch_up()
         self._running.clear()
         self._events.clear()
+
+    def clock(self) -> float:
+        """The virtual time now, for the requestor's own measurements (time out, patience)."""
+        self._catch_up()
+        return self.now
 
     def makespan(self) -> float:
         """Virtual seconds from the start to now, the requestor's last re-runs included."""
@@ -339,6 +351,54 @@ class SimBackend(Backend):
         self._speed[provider] = self._draw_speed()
         self._joins += 1
         self._push(self.now + self.rng.expovariate(1.0 / self.network.rejoin_seconds), "join", provider)
+
+
+class SimReferee:
+    """The requestor's re-run pool in virtual time: ``workers`` cores beside the dispatch loop.
+
+    Implements :class:`mltask.referee.Referee`: a re-run is evaluated at once (for real,
+    in microseconds) and its answer held until the virtual time its core would finish it;
+    its compute is the requestor's, but it does not stall the loop.
+    """
+
+    def __init__(self, backend: SimBackend, problem: Any, resources_dir: Path, workers: int = 1) -> None:
+        self.backend, self.problem, self.resources_dir = backend, problem, resources_dir
+        self._free = [0.0] * workers  # when each core is free, a heap
+        self._done: list[tuple[float, int, Any, Any, float]] = []  # (at, seq, key, result, seconds)
+        self._seq = 0
+
+    def submit(self, key: Any, trial: Any) -> None:
+        from mltask.provider import evaluator_for
+
+        backend = self.backend
+        backend._catch_up()
+        before = METER.ns
+        result = evaluator_for(self.problem, self.resources_dir).evaluate(trial, getattr(trial, "folds", None))
+        backend._metered = METER.ns  # compute beside the loop: no stall
+        seconds = (METER.ns - before) / 1e9
+        backend.ledger.requestor += seconds
+        end = max(backend.now, heapq.heappop(self._free)) + seconds
+        heapq.heappush(self._free, end)
+        self._seq += 1
+        heapq.heappush(self._done, (end, self._seq, key, result, seconds))
+        backend._push(end, "wake", "")
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[Any, Any, float]]:
+        backend = self.backend
+        backend._catch_up()
+        if timeout > 0 and self._done and not backend._running:  # nothing else can happen first: wait for it
+            backend.now = max(backend.now, self._done[0][0])
+        out = []
+        while self._done and self._done[0][0] <= backend.now:
+            _, _, key, result, seconds = heapq.heappop(self._done)
+            out.append((key, result, seconds))
+        return out
+
+    def pending(self) -> int:
+        return len(self._done)
+
+    def close(self) -> None:
+        self._done.clear()
 
 
 def faked_trials(honest: dict[str, Any], written: dict[str, Any] | bytes | None) -> int:
