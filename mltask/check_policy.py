@@ -62,6 +62,7 @@ TOP_FRACTION = 0.1
 TOP_WEIGHT = 8.0
 NEIGHBOURS = 5
 PACE_RANGE = (0.25, 3.0)
+PACE_TARGET = 0.9
 WARMUP_SHARE = 0.5
 _EMA = 0.05
 
@@ -188,7 +189,7 @@ class CheckPolicy:
         return units
 
     def _pace(self) -> float:
-        allowed = self.budget * self.useful
+        allowed = PACE_TARGET * self.budget * self.useful  # aim under the budget: estimates lag
         if allowed <= 0:
             return 1.0
         low, high = PACE_RANGE

@@ -11,17 +11,31 @@ the check subtasks it is sent.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import json
+import math
 import random
 import shutil
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mltask.backends.base import Backend, Completion
 from mltask.backends.local import LocalBackend
 from mltask.definition import parse_definition
-from mltask.protocol import RESULT_FILE, Problem, SubtaskDefinition, TrialResult, TrialSpec, dumps, result_size_limit
+from mltask.problem import combined_fingerprint
+from mltask.protocol import (
+    RESULT_FILE,
+    Problem,
+    SubtaskDefinition,
+    SubtaskResult,
+    TrialResult,
+    TrialSpec,
+    dumps,
+    result_size_limit,
+)
 from mltask.provider import evaluate_subtask
 from mltask.referee import rerun
 from mltask.scheduler import drive
@@ -77,15 +91,24 @@ def copy_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Rand
     return doc
 
 
-def single_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
-    """Inflate one fold of one trial only: the smallest lie that moves a score."""
+def _bump_one_fold(doc: dict[str, Any], rng: random.Random, delta: float) -> dict[str, Any]:
     ok = _ok_trials(doc)
     if ok:
         trial = rng.choice(ok)
         fold = rng.randrange(len(trial["fold_scores"]))
-        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + 0.2)
+        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + delta)
         _consistent(trial)
     return doc
+
+
+def single_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Inflate one fold of one trial only: the smallest lie that moves a score."""
+    return _bump_one_fold(doc, rng, 0.2)
+
+
+def small_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Inflate one fold of one trial per subtask by 0.002: smaller than most gaps between scores."""
+    return _bump_one_fold(doc, rng, 0.002)
 
 
 def fake_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
@@ -101,9 +124,13 @@ def fake_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Rando
 def claim_failed(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
     """Skip the work and say every configuration crashed."""
     for trial in doc["trials"]:
-        trial.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
-                     fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
+        _say_failed(trial)
     return doc
+
+
+def _say_failed(trial: dict[str, Any]) -> None:
+    trial.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
+                 fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
 
 
 def skip_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
@@ -134,17 +161,6 @@ def outdated(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random
     return doc
 
 
-def small_faker(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
-    """Inflate one fold of one trial by 0.002: a lie too small to move anything but a close race."""
-    ok = _ok_trials(doc)
-    if ok:
-        trial = rng.choice(ok)
-        fold = rng.randrange(len(trial["fold_scores"]))
-        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + 0.002)
-        _consistent(trial)
-    return doc
-
-
 def lower_good(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
     """Sabotage: report every good trial (accuracy >= 0.9) a little worse, so a rival's result wins."""
     for trial in _ok_trials(doc):
@@ -158,9 +174,7 @@ def hide_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Rando
     """Sabotage: report the subtask's best trial as crashed, so it can never win."""
     ok = _ok_trials(doc)
     if ok:
-        best = max(ok, key=lambda t: t["mean_score"])
-        best.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
-                    fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
+        _say_failed(max(ok, key=lambda t: t["mean_score"]))
     return doc
 
 
@@ -181,27 +195,6 @@ def replay_verifier(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random
             trial["fold_scores"] = [min(1.0, s + rng.uniform(-0.01, 0.01)) for s in kept["fold_scores"]]
             trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in trial["fold_fingerprints"]]
             _consistent(trial)
-    return doc
-
-
-def patient(cheat: Cheat, honest_subtasks: int) -> Cheat:
-    """Honest for its first ``honest_subtasks`` subtasks, to earn trust; then ``cheat``."""
-    seen = [0]
-
-    def later(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> Any:
-        seen[0] += 1
-        return cheat(doc, subtask, rng) if seen[0] > honest_subtasks else doc
-
-    return later
-
-
-def lazy_one(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
-    """Skip one trial per subtask and report a plausible score for it (its neighbour's)."""
-    ok = _ok_trials(doc)
-    if len(ok) >= 2:
-        fake, model = rng.sample(ok, 2)
-        for key in ("fold_scores", "fold_fingerprints", "fingerprint", "mean_score", "std_score"):
-            fake[key] = model[key]
     return doc
 
 
@@ -250,8 +243,163 @@ CHEATS: dict[str, Cheat] = {
 # The adversaries of the verification issue, beyond the kinds above (colluders: see Colluders).
 ADVERSARIES: dict[str, Callable[[], Cheat]] = {
     "replay_verifier": lambda: replay_verifier, "lower_good": lambda: lower_good, "hide_best": lambda: hide_best,
-    "small_faker": lambda: small_faker, "patient_lazy": lambda: patient(lazy_one, 3),
+    "small_fold": lambda: small_fold, "patient": lambda: Patient(3),
 }
+
+
+# -- adversaries that keep state, know the code or work together --------------------------
+
+
+def _invent(trial: dict[str, Any], pool: list[float], ceiling: float | None, rng: random.Random) -> None:
+    """Replace a trial's folds by scores like ``pool`` (scores computed for real), with made-up fingerprints."""
+    scores = [rng.choice(pool) + rng.gauss(0.0, 0.002) for _ in trial["fold_scores"]]
+    trial["fold_scores"] = scores if ceiling is None else [min(s, ceiling) for s in scores]
+    trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in scores]
+    trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+    _consistent(trial)
+
+
+class Patient:
+    """Honest for its first ``patience`` subtasks, to earn trust; then it trains nothing.
+
+    Once trusted it reports scores like those it computed honestly, so its lies look like its work.
+    """
+
+    def __init__(self, patience: int = 20) -> None:
+        self.patience = patience
+        self.answered = 0
+        self.pool: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        self.answered += 1
+        for trial in _ok_trials(doc):
+            if self.answered <= self.patience:
+                self.pool.extend(trial["fold_scores"])
+            else:
+                _invent(trial, self.pool or [0.5], None, rng)
+        return doc
+
+
+class Saboteur:
+    """Trains honestly but hides its good configurations, so a worse one wins the search.
+
+    A trial better than the best ``top`` share of what it computed before gets every fold
+    lowered by ``drop``, or with ``fail`` is reported as crashed.
+    """
+
+    def __init__(self, *, fail: bool = False, top: float = 0.1, drop: float = 0.05) -> None:
+        self.fail, self.top, self.drop = fail, top, drop
+        self.means: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        ok = _ok_trials(doc)
+        bar = self.means[int(len(self.means) * (1 - self.top))] if len(self.means) >= 10 else math.inf
+        for trial in ok:
+            bisect.insort(self.means, trial["mean_score"])
+            if trial["mean_score"] < bar:
+                continue
+            if self.fail:
+                _say_failed(trial)
+            else:
+                trial["fold_scores"] = [s - self.drop for s in trial["fold_scores"]]
+                _consistent(trial)
+        return doc
+
+
+@dataclass(frozen=True)
+class Insight:
+    """What an adversary that knows mltask's code and watches the traffic works with."""
+
+    verifier: Verifier
+    task: HyperparameterSearchTask
+
+
+def replay_plan(insight: Insight, subtask: SubtaskDefinition, claimed: dict[str, Any],
+                provider: str) -> list[tuple[int, int | None]] | None:
+    """The (trial, fold) units the verifier will re-run of ``claimed``; ``None`` if its draws cannot be replayed.
+
+    Today's verifier draws from ``random.Random(task seed)``, and the seed reaches providers
+    (it seeds the CV splits, and can be recovered from trial seeds). An attacker who also
+    sees the order results arrive in replays every draw; this reads the state that replay
+    reaches from the verifier instead of recomputing it, and runs the verifier's own
+    planning code on a copy. A verifier that draws from the OS leaves nothing to replay.
+    """
+    verifier = insight.verifier
+    rng = getattr(verifier, "_rng", None)
+    if type(rng) is not random.Random or not hasattr(verifier, "_plan"):
+        return None
+    twin = copy.copy(verifier)
+    twin._rng = random.Random()
+    twin._rng.setstate(rng.getstate())
+    twin.seen_providers = set(verifier.seen_providers)
+    return twin._plan(subtask, SubtaskResult.model_validate(claimed), provider, insight.task.progress().best_value)
+
+
+class Replayer:
+    """Knows the code and the task seed: trains only what the verifier will re-run, invents the rest.
+
+    Its first answer is honest (it needs real scores to imitate). After that, invented
+    scores stay below the best so far, so no invented trial is a contender for the best
+    (which the verifier would re-run). Against a verifier it cannot replay it has to guess
+    the unit that will be checked. ``answers`` shared between two replayers makes them
+    colluders (:func:`colluders`).
+    """
+
+    def __init__(self, insight: Insight, name: str, answers: dict[tuple[str, int], dict[str, Any]] | None = None):
+        self.insight, self.name = insight, name
+        self.answers = {} if answers is None else answers
+        self.pool: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        honest = json.loads(json.dumps(doc))
+        repeated = self._repeat(doc)
+        best = self.insight.task.progress().best_value
+        invented = [t for t in _ok_trials(doc) if t["number"] not in repeated]
+        if best is None or not self.pool:
+            self.pool.extend(s for t in invented for s in t["fold_scores"])
+            return self._remember(doc)
+        for trial in invented:
+            _invent(trial, self.pool, best - 0.002, rng)
+        plan = replay_plan(self.insight, subtask, doc, self.name)
+        if plan is None and invented:  # nothing to replay: guess
+            guess = rng.choice(invented)
+            plan = [(guess["number"], rng.randrange(len(guess["fold_scores"])))]
+        truth = {t["number"]: t for t in honest["trials"]}
+        numbers = {t["number"] for t in invented}
+        for number, fold in plan or []:
+            if number not in numbers:
+                continue
+            trial = next(t for t in doc["trials"] if t["number"] == number)
+            for f in range(len(trial["fold_scores"])) if fold is None else [fold]:
+                trial["fold_scores"][f] = truth[number]["fold_scores"][f]
+                trial["fold_fingerprints"][f] = truth[number]["fold_fingerprints"][f]
+                self.pool.append(truth[number]["fold_scores"][f])
+            trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+            _consistent(trial)
+        if replay_plan(self.insight, subtask, doc, self.name) not in (None, plan):
+            return self._remember(honest)  # a real fold made a contender: this once, be honest
+        return self._remember(doc)
+
+    def _repeat(self, doc: dict[str, Any]) -> set[int]:
+        """Answer what a partner answered before exactly as it did; the trial numbers repeated."""
+        repeated = set()
+        for i, trial in enumerate(doc["trials"]):
+            said = self.answers.get((json.dumps(trial["params"], sort_keys=True), trial["seed"]))
+            if said is not None:
+                doc["trials"][i] = dict(said, number=trial["number"])
+                repeated.add(trial["number"])
+        return repeated
+
+    def _remember(self, doc: dict[str, Any]) -> dict[str, Any]:
+        for trial in doc["trials"]:
+            self.answers[(json.dumps(trial["params"], sort_keys=True), trial["seed"])] = trial
+        return doc
+
+
+def colluders(insight: Insight, names: tuple[str, str] = ("colluder_a", "colluder_b")) -> dict[str, Replayer]:
+    """Two replayers sharing what they answered: asked to check the other's work, one repeats its answer."""
+    answers: dict[tuple[str, int], dict[str, Any]] = {}
+    return {name: Replayer(insight, name, answers) for name in names}
 
 
 class InlineBackend(Backend):

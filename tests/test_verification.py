@@ -97,7 +97,7 @@ def test_cheater_is_caught_and_nothing_it_faked_survives(cheat: str, tmp_path: P
 @pytest.mark.parametrize("adversary", sorted(ADVERSARIES))
 def test_adversaries_cannot_change_the_outcome(adversary: str, tmp_path: Path, honest: dict) -> None:
     cheats = {"honest": None, "other": None, "cheat": ADVERSARIES[adversary]()}
-    task, backend, status = run_inline(_search(), tmp_path / "out", cheats)
+    task, _, status = run_inline(_search(), tmp_path / "out", cheats)
     assert status == "finished"
     _assert_guarantees(task, {"cheat"}, honest)
     if adversary == "hide_best":  # a claimed failure is always re-run: the saboteur is always caught
@@ -121,7 +121,7 @@ def test_adversaries_on_real_worker_processes(adversary: str, tmp_path: Path, ho
         cheats = {"local-1": ring.cheat, "local-2": ring.cheat}
     else:
         cheats = {"local-2": CHEATS.get(adversary) or ADVERSARIES[adversary]()}
-    task, backend, status = run_local(_search(), tmp_path / "out", cheats, workers=3)
+    task, _, status = run_local(_search(), tmp_path / "out", cheats, workers=3)
     assert status == "finished"
     _assert_guarantees(task, set(cheats), honest)
     if adversary in BLATANT:
