@@ -144,10 +144,15 @@ def make_splits(cv: CVSpec, data: Dataset) -> Splits:
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
     """The trial's parameters, checked and as ``set_params`` takes them (:func:`estimator_params`),
-    plus its seed in every ``random_state`` left unset."""
+    plus its seed in every ``random_state`` left unset.
+
+    An explicit ``null`` (``"random_state": [null, 1]``) counts as unset: scikit-learn
+    would read it as "seed from the global generator", which makes a re-run differ from the
+    provider's run and the verifier blame an honest provider.
+    """
     params = estimator_params(trial.params)
     for key, value in estimator.get_params(deep=True).items():
-        if (key == "random_state" or key.endswith("__random_state")) and value is None and key not in params:
+        if (key == "random_state" or key.endswith("__random_state")) and params.get(key, value) is None:
             params[key] = trial.seed
     return params
 
