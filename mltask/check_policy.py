@@ -8,10 +8,13 @@ A *unit* is one (trial, fold) evaluation; ``fold = None`` means every fold of th
 For each accepted subtask the policy plans:
 
 - **claimed failures** (``kind="failure"``): every trial the provider says failed is re-run
-  by the requestor (``verify_best``): hiding a good configuration as a crash is the cheapest
-  sabotage, and sampling would miss it.
+  by the requestor: hiding a good configuration as a crash is the cheapest sabotage, and
+  sampling would miss it.
 - **contenders**: a trial whose claimed score beats the best so far gets one random fold
   checked, always; a faked high score is what changes the outcome.
+
+  Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
+  it off and ``budget`` 0, nothing is re-run at all.
 - **samples** (``kind="spot"``): ``k`` units, with ``E[k] = m``::
 
       m = budget * seconds_out / unit_cost * (risk / mean risk) * (weight / mean weight) * pace
@@ -92,12 +95,12 @@ class CheckPolicy:
     """Plans checks for accepted results within a compute budget; see the module docstring."""
 
     def __init__(self, *, budget: float, direction: str, space: SearchSpace, folds: int, exchangeable: bool,
-                 verify_failures: bool, expected_subtasks: int, rng: Any = None) -> None:
+                 protect_best: bool, expected_subtasks: int, rng: Any = None) -> None:
         self.budget = budget
         self.sign = 1.0 if direction == "maximize" else -1.0
         self.folds = folds
         self.exchangeable = exchangeable
-        self.verify_failures = verify_failures
+        self.protect_best = protect_best
         self.expected_subtasks = expected_subtasks
         self.rng = rng or secrets.SystemRandom()
         self._embed = _Embedding(space)
@@ -155,7 +158,7 @@ class CheckPolicy:
         self.useful_units += len(trials) * self.folds
         ok = [t for t in trials if t.status == "ok" and t.mean_score is not None]
         plans = []
-        if self.verify_failures:
+        if self.protect_best:
             plans += [Plan("failure", [(t.number, None)]) for t in trials if t.status == "failed"]
         units = self._sample(record, provider, ok, seconds_out, providers)
         self._remember(provider, ok)
@@ -185,7 +188,8 @@ class CheckPolicy:
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
-        units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
+        if self.protect_best:
+            units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
         return units
 
     def _pace(self) -> float:

@@ -167,7 +167,7 @@ class Verifier:
         self.folds = problem_folds(task.problem)
         self.policy = CheckPolicy(
             budget=self.options.budget, direction=task.direction, space=opts.search_space, folds=self.folds,
-            exchangeable=opts.algorithm in EXCHANGEABLE, verify_failures=self.options.verify_best,
+            exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best,
             expected_subtasks=task.subtasks_count, rng=self.rng,
         )
         self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)

@@ -266,8 +266,8 @@ import mltask.provider as provider
 honest = provider.evaluate_subtask
 
 
-def inflated(subtask, resources_dir):
-    result = honest(subtask, resources_dir)
+def inflated(*args, **kwargs):
+    result = honest(*args, **kwargs)
     trials = []
     for trial in result.trials:
         if trial.status == "ok":
