@@ -351,7 +351,7 @@ def test_a_download_past_its_bound_is_stopped_in_flight_and_bans_its_provider(tm
     from mltask.backends.golem import _Provider
     from mltask.definition import parse_definition
     from mltask.protocol import RESULT_FILE, result_size_limit
-    from mltask.scheduler import make_verifier, settle
+    from mltask.scheduler import make_verifier
     from mltask.task import HyperparameterSearchTask
 
     task = HyperparameterSearchTask.create(parse_definition(task_dict()), tmp_path, tmp_path / "out")
@@ -377,7 +377,7 @@ def test_a_download_past_its_bound_is_stopped_in_flight_and_bans_its_provider(tm
         assert activity.batch.cleaned and not activity.batch.done
         [completion] = done
         assert completion.refused and "passed the" in completion.refused and completion.output_dir is None
-        settle(task, completion, make_verifier(task))
+        make_verifier(task).settle(completion, 0.0)
         assert slot.name in task.store.bans() and task.progress().done == 0
         assert backend.idle_providers() == [] and _node("f") in backend._excluded
     finally:
