@@ -66,6 +66,7 @@ def create_app(settings: Settings) -> Guard:
     drafts = drafting.Drafts(settings.max_upload_bytes)
     listing = TaskList(root)
     pages = Jinja2Templates(directory=str(HERE / "templates"))
+    pages.env.policies["json.dumps_kwargs"] = {"sort_keys": False}  # the schema's field order is the form's
     csrf = csrf_token(settings.token)
 
     def page(request: Request, name: str, title: str, data: dict[str, Any], status: int = 200) -> Response:
@@ -261,6 +262,7 @@ def create_app(settings: Settings) -> Guard:
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    app.state.drafts = drafts
     return Guard(app, settings.token, settings.port, settings.host)
 
 

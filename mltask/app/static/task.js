@@ -249,11 +249,13 @@ async function drawImportance(count) {
   const data = await response.json();
   const entries = Object.entries(data.importances || {}).sort((a, b) => a[1] - b[1]);
   const note = document.getElementById("importance-note");
-  note.textContent = (entries.length ? `Parameter importance (Optuna, PED-ANOVA) over ${data.trials} complete trials. ` : "") +
+  note.textContent = "Each parameter against the score (darker: later trials). " +
+    (entries.length ? `Importance: Optuna's PED-ANOVA over ${data.trials} complete trials. ` : "") +
     (data.left_out && data.left_out.length ? `Left out (not in every trial): ${data.left_out.join(", ")}. ` : "") + (data.note || "");
   if (!entries.length) return;
+  document.getElementById("chart-importance").hidden = false;
   Plotly.react("chart-importance", [{type: "bar", orientation: "h", x: entries.map(e => e[1]), y: entries.map(e => e[0]), marker: {color: "#5b7fd6"}}],
-    {...LAYOUT, margin: {l: 120, r: 15, t: 10, b: 30}, xaxis: {title: {text: "importance"}}}, PLOT);
+    {...LAYOUT, title: {text: "parameter importance", font: {size: 12}}, margin: {l: 110, r: 15, t: 30, b: 35}}, PLOT);
 }
 
 connect();
