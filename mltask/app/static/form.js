@@ -258,8 +258,9 @@ function renderDataset(schema) {
     }}), " " + label)));
   const body = el("div", {class: "sub"});
   if (kind === "builtin") {
-    const select = el("select", {id: "f-options-dataset-builtin"}, ...deref(spec.properties.builtin.anyOf[0]).enum.map(n => el("option", {value: n, selected: ds.builtin === n}, n)));
-    select.addEventListener("change", () => { setAt(["options", "dataset"], {builtin: select.value}); changed(); });
+    const select = el("select", {id: "f-options-dataset-builtin"}, ds.builtin ? null : el("option", {value: ""}, "(choose a dataset)"),
+      ...deref(spec.properties.builtin.anyOf[0]).enum.map(n => el("option", {value: n, selected: ds.builtin === n}, n)));
+    select.addEventListener("change", () => { select.value ? setAt(["options", "dataset"], {builtin: select.value}) : delAt(["options", "dataset"]); changed(); });
     body.append(select);
   } else {
     const mine = files.filter(f => f.kind === kind);
@@ -519,7 +520,7 @@ document.getElementById("submit").addEventListener("click", async () => {
 
 document.getElementById("template-load").addEventListener("click", async () => {
   const id = document.getElementById("template-select").value;
-  if (!id) { draft = null; files = []; loadTask({type: D.type.id, options: {dataset: {builtin: "iris"}, search_space: {}}}); return; }
+  if (!id) { draft = null; files = []; loadTask({type: D.type.id, options: {}}); return; }
   const result = await post("/api/template", {id});
   draft = result.draft; files = result.files;
   loadTask(result.task);
