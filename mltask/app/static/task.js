@@ -4,7 +4,7 @@
 // trials in a map and redraws what their change touches, charts at most once a second.
 
 const KEY = pageData().key;
-const S = {trials: new Map(), subtasks: new Map(), verdicts: [], head: {}, space: {}, sort: {column: "rank", asc: true}};
+const S = {trials: new Map(), subtasks: new Map(), verdicts: [], head: {}, space: {}, sort: {column: "rank", asc: true}, version: 0};
 let chartsDrawnAt = 0, chartsDirty = false, drawnTrials = -1, importanceAt = 0, importanceCount = -1, showAll = false;
 const PLOT = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
 const LAYOUT = {margin: {l: 55, r: 15, t: 10, b: 40}, font: {size: 11}, hovermode: "closest"};
@@ -12,6 +12,7 @@ const LAYOUT = {margin: {l: 55, r: 15, t: 10, b: 40}, font: {size: 11}, hovermod
 // ---------------------------------------------------------------- state from the stream
 function apply(data) {
   if (data.reset) { S.trials.clear(); S.subtasks.clear(); S.verdicts = []; }
+  if ((data.trials || []).length || (data.subtasks || []).length || (data.verdicts || []).length || data.reset) S.version += 1;
   const {trials, subtasks, verdicts, reset, ...head} = data;
   Object.assign(S.head, head);
   if (data.space) S.space = data.space;
@@ -21,7 +22,25 @@ function apply(data) {
   }
   for (const s of subtasks || []) S.subtasks.set(s.subtask_id, s);
   S.verdicts.push(...(verdicts || []));
-  render();
+  renderSoon();
+}
+
+// Several updates a second arrive while trials settle; the page redraws at most every half
+// second (still within a second of the state file) and only the sections whose data changed:
+// a headless chromium spent a quarter of a core redrawing on every event.
+let renderedAt = 0, renderTimer = null;
+function renderSoon() {
+  if (renderTimer) return;
+  renderTimer = setTimeout(() => { renderTimer = null; renderedAt = Date.now(); render(); },
+    Math.max(0, 500 - (Date.now() - renderedAt)));
+}
+
+const drawn = new Map();
+// Rebuild the element `id` only if `signature` differs from what it shows.
+function changedSection(id, signature) {
+  if (drawn.get(id) === signature) return false;
+  drawn.set(id, signature);
+  return true;
 }
 
 function connect() {
@@ -55,20 +74,24 @@ function eta(settled, total) {
 function render() {
   const h = S.head;
   if (h.status === "broken") return renderBroken();
-  document.getElementById("task-name").textContent = h.name;
-  const badge = document.getElementById("task-status");
-  badge.textContent = h.status; badge.className = `badge ${h.status}`; badge.dataset.status = h.status; badge.title = h.status_note || "";
-  document.getElementById("task-actions").replaceChildren(...actionButtons(h, verb => verb === "delete" ? (window.location.href = "/tasks") : null));
-  const bits = [`${h.algorithm} search`, h.scoring ? `scoring: ${h.scoring} (${h.direction})` : null, h.backend ? `backend: ${h.backend}` : null,
-    h.workers ? `${h.workers} workers` : null, h.created_at ? `created ${fmtTime(h.created_at)}` : null, h.status_note || null, `folder: ${h.key}`];
-  document.getElementById("task-meta").textContent = bits.filter(Boolean).join(" · ");
+  if (changedSection("head", JSON.stringify([h.name, h.status, h.status_note, h.actions, h.backend, h.workers]))) {
+    document.getElementById("task-name").textContent = h.name;
+    const badge = document.getElementById("task-status");
+    badge.textContent = h.status; badge.className = `badge ${h.status}`; badge.dataset.status = h.status; badge.title = h.status_note || "";
+    document.getElementById("task-actions").replaceChildren(...actionButtons(h, verb => verb === "delete" ? (window.location.href = "/tasks") : null));
+    const bits = [`${h.algorithm} search`, h.scoring ? `scoring: ${h.scoring} (${h.direction})` : null, h.backend ? `backend: ${h.backend}` : null,
+      h.workers ? `${h.workers} workers` : null, h.created_at ? `created ${fmtTime(h.created_at)}` : null, h.status_note || null, `folder: ${h.key}`];
+    document.getElementById("task-meta").textContent = bits.filter(Boolean).join(" · ");
+  }
   renderProgress();
   renderLeaderboard();
   renderProviders();
   renderVerification();
   renderDownloads();
-  chartsDirty = true;
-  drawChartsSoon();
+  if (changedSection("charts", S.version)) {
+    chartsDirty = true;
+    drawChartsSoon();
+  }
 }
 
 function renderBroken() {
@@ -93,6 +116,9 @@ function renderProgress() {
   const elapsed = isFinite(started) ? (live ? Date.now() / 1000 : ended) - started : null;
   const left = live ? eta(settled, total) : null;
   const best = ranked()[0];
+  const signature = [settled, total, done, failed, running, fmtDuration(elapsed), left === null ? "" : fmtDuration(left),
+    best ? `${best.number}:${best.value}:${best.verified}` : ""].join("|");
+  if (!changedSection("progress", signature)) return;
   document.getElementById("progress-stats").replaceChildren(
     stat("trials settled", `${settled} / ${total}`, "stat-settled"), stat("complete", done, "stat-complete"),
     stat("failed", failed, "stat-failed"), stat("running", running, "stat-running"),
@@ -107,16 +133,16 @@ function renderProgress() {
 }
 
 const LEADER_LIMIT = 100;
-function renderLeaderboard() {
+function renderLeaderboard(force) {
   const names = Object.keys(S.space);
   const extra = [...new Set(complete().flatMap(t => Object.keys(t.params)))].filter(n => !names.includes(n));
   const params = names.concat(extra);
   const columns = [["rank", r => r.rank], ["trial", r => r.number], ["mean", r => r.value], ["std", r => r.std],
     ...params.map(p => [p, r => r.params[p]]), ["provider", r => r.provider], ["verified", r => r.verified || ""]];
   const table = document.getElementById("leaderboard");
-  table.tHead.replaceChildren(el("tr", {}, ...columns.map(([name]) => el("th", {
+  const head = () => table.tHead.replaceChildren(el("tr", {}, ...columns.map(([name]) => el("th", {
     class: (["rank", "trial", "mean", "std"].includes(name) ? "num " : "") + (S.sort.column === name ? `sorted ${S.sort.asc ? "asc" : ""}` : ""),
-    onclick: () => { S.sort = {column: name, asc: S.sort.column === name ? !S.sort.asc : true}; renderLeaderboard(); }}, name))));
+    onclick: () => { S.sort = {column: name, asc: S.sort.column === name ? !S.sort.asc : true}; renderLeaderboard(true); }}, name))));
   const rows = ranked();
   const getter = (columns.find(c => c[0] === S.sort.column) || columns[0])[1];
   rows.sort((a, b) => {
@@ -125,14 +151,20 @@ function renderLeaderboard() {
     return (S.sort.asc ? order : -order) || a.rank - b.rank;
   });
   const shown = showAll ? rows : rows.slice(0, LEADER_LIMIT);
-  table.tBodies[0].replaceChildren(...shown.map(r => el("tr", {class: r.rank === 1 ? "best" : ""},
+  const failed = [...S.trials.values()].filter(t => t.state === "failed");
+  const signature = [S.sort.column, S.sort.asc, ...shown.map(r => `${r.number}:${r.rank}:${r.verified}`)].join("|");
+  if (changedSection("leaderboard", signature) || force) {  // a new trial outside the shown rows changes nothing
+    head();
+    table.tBodies[0].replaceChildren(...shown.map(r => el("tr", {class: r.rank === 1 ? "best" : ""},
     ...columns.map(([name, get]) => el("td", {class: ["rank", "trial", "mean", "std"].includes(name) ? "num" : ""},
       name === "mean" ? fmtNum(get(r), 6) : name === "std" ? fmtNum(get(r), 3) : get(r) === undefined ? "" : fmtValue(get(r)))))));
-  const note = document.getElementById("leader-note");
-  note.replaceChildren(`${rows.length} complete trials; click a column to sort. `,
-    rows.length > LEADER_LIMIT ? el("button", {class: "secondary small", onclick: () => { showAll = !showAll; renderLeaderboard(); }},
+  }
+  if (changedSection("leader-note", `${rows.length}|${showAll}`)) {
+    document.getElementById("leader-note").replaceChildren(`${rows.length} complete trials; click a column to sort. `,
+    rows.length > LEADER_LIMIT ? el("button", {class: "secondary small", onclick: () => { showAll = !showAll; renderLeaderboard(true); }},
       showAll ? `show the first ${LEADER_LIMIT}` : `show all ${rows.length}`) : "");
-  const failed = [...S.trials.values()].filter(t => t.state === "failed");
+  }
+  if (!changedSection("failed", failed.length)) return;
   const counts = new Map();
   for (const t of failed) counts.set(t.error || "no error text", (counts.get(t.error || "no error text") || 0) + 1);
   document.getElementById("errors-box").replaceChildren(...(failed.length ? [el("h3", {}, `Failed trials: ${failed.length}`),
@@ -148,6 +180,7 @@ function renderProviders() {
   for (const v of S.verdicts) if (!v.ok) row(v.provider).wrong += 1;
   const bans = S.head.bans || {}, dropped = S.head.dropped || {}, billed = (S.head.costs || {}).billed_by_provider || {};
   const currency = (S.head.costs || {}).currency || "GLM";
+  if (!changedSection("providers", JSON.stringify([[...rows.values()], bans, dropped, S.head.costs]))) return;
   const head = ["provider", "subtasks accepted", "rejected", "failed", "discarded", "pending", "trials", "re-run in full", "spot-checked", "wrong results", "status", `billed (${currency})`];
   const table = document.getElementById("providers");
   table.tHead.replaceChildren(el("tr", {}, ...head.map(h => el("th", {}, h))));
@@ -164,6 +197,7 @@ function renderProviders() {
 function renderVerification() {
   const settled = [...S.trials.values()].filter(t => t.state !== "running");
   const full = settled.filter(t => t.verified === "full").length, spot = settled.filter(t => t.verified && t.verified !== "full").length;
+  if (!changedSection("verification", [settled.length, full, spot, S.verdicts.length, S.subtasks.size].join("|"))) return;
   const rejected = S.verdicts.filter(v => !v.ok);
   const rejectedTrials = new Set(rejected.map(v => v.subtask_id));
   const rerun = S.verdicts.reduce((a, v) => a + (v.seconds || 0), 0);
@@ -185,6 +219,7 @@ function renderVerification() {
 
 function renderDownloads() {
   const names = (S.head.downloads || []).concat(["task.json"]);
+  if (!changedSection("downloads", names.join("|"))) return;
   document.getElementById("downloads").replaceChildren(...names.map(n => el("a", {href: `/download/${KEY}?file=${encodeURIComponent(n)}`, download: n, "data-file": n}, n)));
 }
 
