@@ -126,7 +126,7 @@ def page_times(trials: int, repeats: int, work: Path) -> None:
     for what, times in runs.items():
         server = statistics.median(t[0] for t in times)
         total += server
-        print(f"  {what}: server {server * 1000:.0f} ms, client {statistics.median(t[1] for t in times) * 1000:.0f} ms")
+        print(f"  {what}: server {server * 1000:.1f} ms, client {statistics.median(t[1] for t in times) * 1000:.1f} ms")
     print(f"  together: {total * 1000:.0f} ms server time (target < 1000 ms)")
 
 
