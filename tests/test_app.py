@@ -8,10 +8,12 @@ real ones run with ``run_task`` (a second or two each). The browser tests are in
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,64 @@ def test_the_live_stream_sends_only_what_changed(tmp_path: Path) -> None:
     assert next(t for t in delta["trials"] if t[0] == 3)[2] == 0.5
     assert live.poll() is None
     live.close()
+
+
+class _Server:
+    """``mltask app`` as the user starts it, spoken to over HTTP."""
+
+    def __init__(self, root: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "mltask", "app", "--root", str(root), "--port", "0",
+                                         "--no-browser"], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        while "token=" not in line:
+            assert line, "mltask app printed no URL"
+            line = self.process.stdout.readline()
+        url = line.split()[-1]
+        self.base, self.token = url.split("/tasks?token=")
+        self.headers = {"cookie": f"mltask-app-{self.base.rsplit(':', 1)[1]}={self.token}",
+                        "x-csrf-token": csrf_token(self.token), "content-type": "application/json"}
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, headers=self.headers)
+        with urllib.request.urlopen(request, timeout=180) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        assert self.process.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_a_search_outlives_the_app_and_a_restarted_app_finds_it(tmp_path: Path) -> None:
+    script = "import time\n\ndef fit_and_score(params, *data):\n    time.sleep(0.1)\n    return params['x']\n"
+    task = task_dict(estimator=None, scoring=None, script={"file": "slow.py"}, n_trials=30,
+                     search_space={"x": {"type": "float", "low": 0, "high": 1}}) | {"resources": ["slow.py"],
+                                                                                     "subtasks_count": 30}
+    first = _Server(tmp_path)
+    draft = first.call("/api/draft", {})["draft"]
+    upload = urllib.request.Request(f"{first.base}/api/upload?draft={draft}&name=slow.py", data=script.encode(),
+                                    headers=first.headers | {"content-type": "application/octet-stream"})
+    urllib.request.urlopen(upload).close()
+    started = first.call("/api/submit", {"task": json.dumps(task), "draft": draft, "workers": 1, "confirm": True})
+    assert started["key"] == "tiny"
+    record = runs.read_record(tmp_path, "tiny")
+    assert record is not None and record.alive()
+    first.stop()  # closing the app ...
+    assert record.alive()  # ... never stops the search
+    second = _Server(tmp_path)
+    try:
+        seen = second.call("/api/task/tiny")
+        assert seen["status"] == "running" and seen["pid"] == record.pid  # re-attached from the state files
+        deadline = time.monotonic() + 180
+        while second.call("/api/task/tiny")["status"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        done = second.call("/api/task/tiny")
+        assert done["status"] == "finished" and sum(t[1] == "complete" for t in done["trials"]) == 30
+        assert "resume" not in done["actions"] and "delete" in done["actions"]
+        assert second.call("/api/action/delete/tiny", {})["ok"]
+        assert not (tmp_path / "tiny").exists() and runs.read_record(tmp_path, "tiny") is None
+    finally:
+        second.stop()

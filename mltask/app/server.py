@@ -55,8 +55,11 @@ def serve(root: Path, host: str = DEFAULT_HOST, port: int | None = None, open_br
         threading.Thread(target=_open_when_up, args=(server, url), daemon=True).start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly on Ctrl-C, then raises it again
+        pass
     finally:
         sock.close()
+    print("mltask app stopped; searches it started go on (`mltask app` again shows them)", flush=True)
 
 
 def _bind(host: str, port: int | None) -> socket.socket:
