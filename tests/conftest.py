@@ -37,9 +37,13 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's chromium driven by Playwright (Playwright's own browser download cannot work offline)."""
+    """Debian's chromium driven by Playwright (Playwright's own browser download cannot work offline).
+
+    Module-scoped: Playwright's sync API keeps an asyncio loop running while it is open,
+    and later tests that call ``asyncio.run`` must not find one.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
