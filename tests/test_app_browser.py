@@ -204,6 +204,7 @@ def test_a_task_started_from_the_cli_shows_up_and_updates_live(page: Any, app: A
     try:
         row = page.locator('tr[data-key="from-cli"]')
         row.wait_for(timeout=60_000)  # the list refreshes itself every second
+        shot(page, "0-tasks-list")
         row.locator("a").click()
         page.wait_for_url(re.compile(r"/task/from-cli$"))
         wait_status(page, {"running"}, timeout=60)

@@ -99,6 +99,7 @@ function renderBroken() {
   const badge = document.getElementById("task-status");
   badge.textContent = "broken"; badge.className = "badge broken"; badge.dataset.status = "broken";
   document.getElementById("task-error").textContent = S.head.status_note;
+  document.querySelectorAll("main > section.card").forEach(section => { section.hidden = true; });  // nothing to show
   document.getElementById("task-actions").replaceChildren(...actionButtons(S.head, () => (window.location.href = "/tasks")));
 }
 
@@ -171,21 +172,23 @@ function renderLeaderboard(force) {
     el("ul", {}, ...[...counts].sort((a, b) => b[1] - a[1]).slice(0, 10).map(([error, n]) => el("li", {}, `${n} × `, el("code", {}, error))))] : []));
 }
 
+const SUBTASK_STATES = ["accepted", "rejected", "failed", "discarded", "pending"];
 function renderProviders() {
+  // Subtask states as the store has them; a state a newer store adds gets a column of its own.
+  const states = SUBTASK_STATES.concat([...new Set([...S.subtasks.values()].map(s => s.state))].filter(x => !SUBTASK_STATES.includes(x)));
   const rows = new Map();
-  const row = p => rows.get(p) || rows.set(p, {provider: p, accepted: 0, rejected: 0, failed: 0, discarded: 0, pending: 0, other: 0,
-    trials: 0, full: 0, spot: 0, wrong: 0}).get(p);
-  for (const s of S.subtasks.values()) { const r = row(s.provider); r[s.state in r ? s.state : "other"] += 1; }
+  const row = p => rows.get(p) || rows.set(p, {provider: p, trials: 0, full: 0, spot: 0, wrong: 0, ...Object.fromEntries(states.map(x => [x, 0]))}).get(p);
+  for (const s of S.subtasks.values()) row(s.provider)[s.state] += 1;
   for (const t of S.trials.values()) if (t.provider && t.state !== "running") { const r = row(t.provider); r.trials += 1; if (t.verified === "full") r.full += 1; else if (t.verified) r.spot += 1; }
   for (const v of S.verdicts) if (!v.ok) row(v.provider).wrong += 1;
   const bans = S.head.bans || {}, dropped = S.head.dropped || {}, billed = (S.head.costs || {}).billed_by_provider || {};
   const currency = (S.head.costs || {}).currency || "GLM";
   if (!changedSection("providers", JSON.stringify([[...rows.values()], bans, dropped, S.head.costs]))) return;
-  const head = ["provider", "subtasks accepted", "rejected", "failed", "discarded", "pending", "trials", "re-run in full", "spot-checked", "wrong results", "status", `billed (${currency})`];
+  const head = ["provider", ...states.map(x => `subtasks ${x}`), "trials", "re-run in full", "spot-checked", "wrong results", "status", `billed (${currency})`];
   const table = document.getElementById("providers");
   table.tHead.replaceChildren(el("tr", {}, ...head.map(h => el("th", {}, h))));
   table.tBodies[0].replaceChildren(...[...rows.values()].sort((a, b) => a.provider.localeCompare(b.provider, undefined, {numeric: true})).map(r => el("tr", {"data-provider": r.provider},
-    el("td", {}, r.provider), ...[r.accepted, r.rejected, r.failed, r.discarded, r.pending, r.trials, r.full, r.spot, r.wrong].map(n => el("td", {class: "num"}, n)),
+    el("td", {}, r.provider), ...[...states.map(x => r[x]), r.trials, r.full, r.spot, r.wrong].map(n => el("td", {class: "num"}, n)),
     el("td", {}, bans[r.provider] ? el("span", {class: "pill bad", title: bans[r.provider]}, "banned: " + bans[r.provider])
       : dropped[r.provider] ? el("span", {class: "pill bad", title: dropped[r.provider]}, "dropped: " + dropped[r.provider]) : "ok"),
     el("td", {class: "num"}, billed[r.provider] !== undefined ? fmtNum(billed[r.provider], 6) : ""))));
@@ -210,9 +213,9 @@ function renderVerification() {
     `; re-run overhead ${compute ? (100 * rerun / compute).toFixed(1) : "0.0"}% of provider compute (${fmtNum(rerun, 3)} s of ${fmtNum(compute, 3)} s).`,
     options.verify_best === false ? el("strong", {class: "error"}, " The best configuration is NOT verified (verification.verify_best is false).") : "");
   const table = document.getElementById("verdicts");
-  table.tHead.replaceChildren(el("tr", {}, ...["#", "subtask", "provider", "check", "verdict", "evaluations", "seconds", "reason"].map(h => el("th", {}, h))));
+  table.tHead.replaceChildren(el("tr", {}, ...["#", "subtask", "provider", "check", "re-run by", "verdict", "evaluations", "seconds", "reason"].map(h => el("th", {}, h))));
   table.tBodies[0].replaceChildren(...S.verdicts.slice(-300).reverse().map(v => el("tr", {},
-    el("td", {class: "num"}, v.id), el("td", {}, v.subtask_id), el("td", {}, v.provider), el("td", {}, v.kind),
+    el("td", {class: "num"}, v.id), el("td", {}, v.subtask_id), el("td", {}, v.provider), el("td", {}, v.kind), el("td", {}, v.by || "requestor"),
     el("td", {}, el("span", {class: v.ok ? "pill ok" : "pill bad"}, v.ok ? "agrees" : "rejected")), el("td", {class: "num"}, v.checked),
     el("td", {class: "num"}, fmtNum(v.seconds, 3)), el("td", {}, v.reason || ""))));
 }
