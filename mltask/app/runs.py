@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mltask.errors import TaskError
+from mltask.store import LOCK_FILE  # the requestor's flock beside state.db (StateLock)
 from mltask.task import STATE_FILE
 
 APP_DIR = ".mltask-app"  # hidden, so never listed as a task; holds run records and logs
-LOCK_FILE = ".mltask.lock"  # the requestor's flock beside state.db, where the runner takes one
 _ERROR_LINE = re.compile(r"^mltask: error: (?:(?P<field>[^\s:][^:]*?): )?(?P<message>.*)$")
 _START_WAIT_SECONDS = 120.0
 
