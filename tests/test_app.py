@@ -209,8 +209,13 @@ def test_a_running_task_whose_process_is_gone_is_interrupted(tmp_path: Path) -> 
     out = finished_task(tmp_path, "crashed")
     with sqlite3.connect(out / "state.db") as conn:  # as a kill -9 leaves it
         conn.execute("UPDATE meta SET value = 'running' WHERE key = 'status'")
+    lock = out / ".mltask.lock"  # the runner's flock file (StateLock), held by nobody now
+    lock.rename(out / "lock.kept")
     app = client(tmp_path)
     assert app.get("/api/task/crashed").json()["status"] == "running"  # no process information: as stored
+    (out / "lock.kept").rename(lock)
+    assert app.get("/api/task/crashed").json()["status"] == "interrupted"  # a CLI task: nobody holds its lock
+    lock.rename(out / "lock.kept")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     ticks = runs._start_ticks(gone.pid)
     gone.wait()
