@@ -105,14 +105,14 @@ def test_killed_worker_is_replaced_and_its_subtask_sent_again(tmp_path: Path) ->
         while backend._slots[0].subtask is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
-        killed.append(backend._slots[0].process.pid)
+        killed.append(backend._slots[0].pid)
         os.kill(killed[0], signal.SIGKILL)
 
     with backend:
         backend.start(task.resources_dir, tmp_path / "scratch")
         threading.Thread(target=killer).start()
         assert drive(task, backend, timeout=120) == "finished"
-        assert backend._slots[0].process.pid not in killed  # replaced
+        assert backend._slots[0].pid not in killed  # replaced
     assert killed
     states = [s["state"] for s in task.store.subtasks()]
     assert "rejected" in states
@@ -125,9 +125,8 @@ def test_worker_killed_while_idle_is_replaced_before_its_next_subtask(tmp_path: 
     task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
     with LocalBackend(workers=1) as backend:
         backend.start(task.resources_dir, tmp_path / "scratch")
-        process = backend._slots[0].process
-        os.kill(process.pid, signal.SIGKILL)
-        process.join()
+        os.kill(backend._slots[0].pid, signal.SIGKILL)
+        assert backend._slots[0].conn.poll(10)  # its end of the socket closed: it is gone
         assert drive(task, backend, timeout=60) == "finished"
     assert [s["state"] for s in task.store.subtasks()] == ["accepted"]
 
