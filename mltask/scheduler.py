@@ -76,9 +76,7 @@ def _run_until_settled(
             if task.abort_requested():
                 task.abort()
                 return "aborted"
-        for provider in backend.idle_providers():
-            if task.is_banned(provider):
-                continue
+        for provider in task.hand_out_order([p for p in backend.idle_providers() if not task.is_banned(p)]):
             subtask = task.next_subtask(provider)
             if subtask is None:
                 break

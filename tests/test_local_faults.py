@@ -17,6 +17,7 @@ from mltask.backends.local import LocalBackend
 from mltask.definition import parse_definition
 from mltask.runner import preload_modules
 from mltask.scheduler import drive
+from mltask.store import Store
 from mltask.task import HyperparameterSearchTask
 from tests.dishonest import nothing, run_inline
 from tests.support import results, task_dict
@@ -74,6 +75,22 @@ def test_hanging_configuration_is_killed_at_the_subtask_timeout(tmp_path: Path) 
     trials = _by_k(doc)
     assert trials[3]["state"] == "failed" and "timed out after 2 s" in trials[3]["error"]
     assert doc["counts"]["complete"] == 7
+
+
+def test_hanging_configuration_is_retried_on_the_idle_worker_and_drops_no_one(tmp_path: Path) -> None:
+    """Regression: it went back to the worker that had failed it while the other sat idle, and after
+    `max_provider_failures` of its timeouts that worker was dropped and the task stopped."""
+    data = _script_task(tmp_path, "hang", n=4, subtasks=4, subtask_timeout="00:00:02")
+    data["options"].update(max_attempts=3, max_provider_failures=2)
+    doc = _run(tmp_path, data)
+    assert doc["status"] == "finished" and doc["counts"]["complete"] == 3
+    assert "gave up after 3 attempts" in _by_k(doc)[3]["error"]
+    assert doc["verification"]["dropped_providers"] == {}
+    bad = _by_k(doc)[3]["number"]
+    store = Store.open(tmp_path / "out" / "state.db")
+    sends = [s["provider"] for s in store.subtasks() if bad in json.loads(s["trial_numbers"])]
+    store.close()
+    assert len(sends) == 3 and sends[1] != sends[0]  # the other worker was idle: the retry went there
 
 
 def test_out_of_memory_fails_its_trial_only(tmp_path: Path) -> None:
