@@ -13,8 +13,8 @@ bootstrap): it takes the requestor's import path minus the working directory (ke
 when the requestor's own mltask comes from there), checks it imports the same mltask as
 the requestor, preloads the provider and the estimator's modules, and then forks a worker
 per request. Workers never see the requestor's ``__main__``, so a script without a guard,
-``python -c``, stdin, a REPL, IPython or a notebook kernel all work the same (the first five
-are tested); a worker killed for a timeout is replaced in milliseconds, its imports done.
+``python -c``, stdin, a REPL, IPython or a notebook kernel all work the same (the first four
+in the tests); a worker killed for a timeout is replaced in milliseconds, its imports done.
 
 The server and the requestor talk over a Unix socket pair: a request is one JSON line
 carrying the requestor's end of a new socket pair for the worker (``SCM_RIGHTS``); the
