@@ -12,7 +12,9 @@ So the requestor starts one server process of its own (``python -c`` with a fixe
 bootstrap): it takes the requestor's import path minus the working directory (kept only
 when the requestor's own mltask comes from there), checks it imports the same mltask as
 the requestor, preloads the provider and the estimator's modules, and then forks a worker
-per request. Workers never see the requestor's ``__main__``, so a script without a guard,
+per request, which runs the loop the request names (an mltask function, such as
+:func:`serve_subtasks`, given the connection to the requestor and JSON arguments).
+Workers never see the requestor's ``__main__``, so a script without a guard,
 ``python -c``, stdin, a REPL, IPython or a notebook kernel all work the same (the first four
 in the tests); a worker killed for a timeout is replaced in milliseconds, its imports done.
 
@@ -26,6 +28,7 @@ the end of its socket, kills its workers and exits; workers see the end of their
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import selectors
@@ -84,14 +87,19 @@ class ForkServer:
                                              pass_fds=[theirs.fileno()])
         self._sock, self._buffer, self._exits = ours, b"", {}
 
-    def fork(self, resources_dir: Path, work_dir: Path, output_dir: Path) -> tuple[int, Connection]:
-        """A new worker serving subtasks in these dirs: its pid and the connection to it."""
+    def fork(self, target: str, **arguments: str) -> tuple[int, Connection]:
+        """A new worker running ``target(connection, **arguments)``: its pid and the connection to it.
+
+        ``target`` is ``"mltask.module:function"``; the worker exits when the function returns.
+        """
+        if not target.startswith("mltask."):
+            raise ValueError(f"workers run mltask functions only, not {target!r}")
         if self._process is None or self._process.poll() is not None:  # not started, or died: (re)start
             self.close()
             self._start()
         assert self._sock is not None
         ours, theirs = socket.socketpair()
-        request = {"resources": str(resources_dir), "work": str(work_dir), "output": str(output_dir)}
+        request = {"target": target, "arguments": arguments}
         with theirs:
             try:
                 socket.send_fds(self._sock, [json.dumps(request).encode() + b"\n"], [theirs.fileno()])
@@ -253,12 +261,12 @@ def _reap() -> list[tuple[int, int]]:
         ended.append((pid, os.waitstatus_to_exitcode(status)))
 
 
-def _worker_process(conn_fd: int, request: dict[str, str]) -> NoReturn:
-    """A forked worker's whole life: serve, flush, exit (never return into the server's loop)."""
+def _worker_process(conn_fd: int, request: dict[str, Any]) -> NoReturn:
+    """A forked worker's whole life: run its loop, flush, exit (never return into the server's loop)."""
     code = 0
     try:
-        _serve_subtasks(Connection(conn_fd), Path(request["resources"]), Path(request["work"]),
-                        Path(request["output"]))
+        module, _, function = request["target"].partition(":")
+        getattr(importlib.import_module(module), function)(Connection(conn_fd), **request["arguments"])
     except BaseException:  # whatever it was, this process must end here
         traceback.print_exc()
         code = 1
@@ -268,10 +276,11 @@ def _worker_process(conn_fd: int, request: dict[str, str]) -> NoReturn:
     os._exit(code)
 
 
-def _serve_subtasks(conn: Connection, resources_dir: Path, work_dir: Path, output_dir: Path) -> None:
-    """Serve subtasks until told to stop or the requestor goes away."""
+def serve_subtasks(conn: Connection, resources: str, work: str, output: str) -> None:
+    """A local provider: serve subtasks in these dirs until told to stop or the requestor goes away."""
     from mltask.provider import run_subtask
 
+    resources_dir, work_dir, output_dir = Path(resources), Path(work), Path(output)
     while True:
         try:
             message = json.loads(conn.recv_bytes())

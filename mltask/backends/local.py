@@ -53,7 +53,9 @@ class LocalBackend(SlotBackend):
             self._spawn(slot)
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.pid, slot.conn = self._server.fork(self._resources, slot.work, slot.output)
+        slot.pid, slot.conn = self._server.fork("mltask.backends.forkserver:serve_subtasks",
+                                                resources=str(self._resources), work=str(slot.work),
+                                                output=str(slot.output))
 
     def _replace(self, slot: _Slot) -> None:
         """Kill the slot's worker if it still runs, and fork a fresh one."""
