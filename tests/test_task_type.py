@@ -34,6 +34,20 @@ def test_trials_are_split_into_subtasks_count_batches(tmp_path: Path) -> None:
     assert [t.number for t in task.study.trials] == list(range(10))
 
 
+@pytest.mark.parametrize(("algorithm", "sizes"), [("tpe", [1] * 12), ("cmaes", [1] * 12), ("random", [4, 4, 4])])
+def test_adaptive_samplers_default_to_one_trial_per_subtask(algorithm: str, sizes: list[int], tmp_path: Path) -> None:
+    # Every trial in flight is proposed blind to the others: subtasks of 5 made TPE trail
+    # sequential TPE (bench/tpe_batched.py); non-adaptive searches keep their batches.
+    space = {"max_depth": {"type": "int", "low": 1, "high": 6},
+             "min_samples_leaf": {"type": "int", "low": 1, "high": 9}}
+    data = task_dict(n_trials=12, algorithm=algorithm, search_space=space) | {"subtasks_count": None}
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    got = []
+    while (sub := task.next_subtask("p")) is not None:
+        got.append(len(sub.trials))
+    assert got == sizes
+
+
 def test_accept_tells_the_study_and_finishes(tmp_path: Path) -> None:
     task = _task(tmp_path, n_trials=4, subtasks=2)
     subs = [task.next_subtask("p"), task.next_subtask("q")]
