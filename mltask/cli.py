@@ -8,7 +8,7 @@
     mltask tasks show DIR
     mltask tasks template
     mltask tasks schema
-    mltask image build [--base IMAGE] [--tag TAG]
+    mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...]
     mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
 
 Every user mistake ends as one line on stderr naming the field and the fix, exit code 2; so
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     build = image.add_parser("build", help="build the provider Docker image from docker/Dockerfile")
     build.add_argument("--base", default=None, help="base image (default: python:X.Y-slim-bookworm of this Python)")
     build.add_argument("--tag", default=None, help="image tag (default: mltask-provider:VERSION)")
+    build.add_argument("--allow-modules", action="append", default=[], metavar="PREFIX",
+                       help="also let its providers import estimators from PREFIX (e.g. xgboost.); sklearn. always")
     gvmi = image.add_parser("gvmi", help="convert the provider image to a GVMI for Golem providers (gvmkit-build)")
     gvmi.add_argument("--tag", default=None, help="Docker image to convert (default: mltask-provider:VERSION)")
     gvmi.add_argument("--output", type=Path, default=Path("mltask-provider.gvmi"), help="GVMI file to write")
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "image" and args.action == "build":
             from mltask.image import DEFAULT_TAG, build_image
 
-            built = build_image(args.base, args.tag or DEFAULT_TAG, log=lambda line: out.print(line, highlight=False))
+            built = build_image(args.base, args.tag or DEFAULT_TAG, log=lambda line: out.print(line, highlight=False),
+                                allow_modules=tuple(args.allow_modules))
             print(f"{built.tag} {built.id} {built.size / 1e6:.0f} MB")
         elif args.command == "image":
             from mltask.image import DEFAULT_TAG, build_gvmi

@@ -185,7 +185,7 @@ def leaderboard(summary: Summary, rows: int = 10) -> Table:
     ranked = sorted(summary.complete, key=lambda r: r["rank_test_score"])[:rows]
     names = summary.param_names
     cells = [[str(r["rank_test_score"]), str(r["number"]), f"{r['mean_test_score']:.6g}", f"{r['std_test_score']:.2g}",
-              *[_short(r["params"].get(n, "")) for n in names]] for r in ranked]
+              *[_short(r["params"].get(n, "")) for n in names], r["verified"]] for r in ranked]
     table = Table(title=f"{summary.name}: top {len(ranked)} of {len(summary.complete)} complete trials "
                         f"({summary.scoring})")
     for i, column in enumerate(("rank", "trial", "mean", "std")):
@@ -193,6 +193,7 @@ def leaderboard(summary: Summary, rows: int = 10) -> Table:
         table.add_column(column, justify="right", no_wrap=True, min_width=width)
     for name in names:
         table.add_column(name, overflow="ellipsis", min_width=min(len(name), 4))
+    table.add_column("verified", no_wrap=True, min_width=len("verified"))
     for row in cells:
         table.add_row(*row)
     return table

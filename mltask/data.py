@@ -1,14 +1,19 @@
 """Datasets: scikit-learn's built-in sets, CSV files with a target column, NPZ arrays.
 
 Loaded the same way on the requestor (to validate and to refit) and on providers (to train).
-NPZ files are read with ``allow_pickle=False``: a dataset is data, never code. An NPZ may
-also be a table (a pandas DataFrame written by :mod:`mltask.table`), which loads as a
-DataFrame again, column names and types included.
+NPZ files are read with ``allow_pickle=False``: a dataset is data, never code. Files are
+named, never given as paths: a provider opens only regular files in its resources dir, and
+no error quotes what a file holds (a subtask naming a provider's own file must not read it
+back through an error message).
+An NPZ may also be a table (a pandas DataFrame written by :mod:`mltask.table`), which
+loads as a DataFrame again, column names and types included.
 """
 
 from __future__ import annotations
 
 import csv
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import numpy as np
 
 from mltask.definition import DatasetSpec
 from mltask.errors import TaskError
+from mltask.protocol import RESOURCE_NAME
 from mltask.table import is_table, read_table
 
 _MISSING = {"", "na", "nan", "null", "none"}
@@ -47,14 +53,26 @@ class Dataset:
         ]
 
 
+def resource_path(resources_dir: Path, name: str, field: str) -> Path:
+    """The file called ``name`` in ``resources_dir``: a plain name of a regular file, never a path or a link."""
+    if not re.fullmatch(RESOURCE_NAME, name) or name in (".", ".."):
+        raise TaskError(field, f"{name[:100]!r} is not a resource name; name a file listed in `resources`")
+    path = resources_dir / name
+    try:
+        regular = stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        raise TaskError(field, f"{name!r} is not among the resources; list its path in `resources`")
+    return path
+
+
 def load_dataset(spec: DatasetSpec, resources_dir: Path) -> Dataset:
     """Load ``spec``; files are looked up by name in ``resources_dir``."""
     if spec.builtin is not None:
         return _load_builtin(spec.builtin)
-    path = resources_dir / (spec.file or "")
     field = "options.dataset.csv" if spec.csv else "options.dataset.npz"
-    if not path.is_file():
-        raise TaskError(field, f"{spec.file!r} is not among the resources; list its path in `resources`")
+    path = resource_path(resources_dir, spec.file or "", field)
     if spec.csv is not None:
         return _load_csv(path, spec.target or "", spec.groups, field)
     return _load_npz(path, spec.groups, field)
@@ -74,7 +92,9 @@ def _load_csv(path: Path, target: str, groups: str | None, field: str) -> Datase
         # otherwise be part of the first column's name ("\ufefflabel", invisible in errors).
         with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError:
+        raise TaskError(field, f"{path.name} is not UTF-8 text; save it as UTF-8") from None
+    except (OSError, csv.Error) as exc:  # csv's messages name the fault, never a cell
         raise TaskError(field, f"cannot read {path.name} as CSV ({exc})") from None
     while rows and not any(cell.strip() for cell in rows[-1]):  # blank lines at the end are no rows
         rows.pop()
@@ -82,9 +102,8 @@ def _load_csv(path: Path, target: str, groups: str | None, field: str) -> Datase
         raise TaskError(field, f"{path.name} needs a header row and at least two data rows")
     header, body = rows[0], rows[1:]
     if target not in header:
-        raise TaskError(
-            "options.dataset.target", f"no column {target!r} in {path.name}; columns are {', '.join(header)}"
-        )
+        raise TaskError("options.dataset.target", f"no column {target!r} among the {len(header)} in the header of "
+                        f"{path.name}; names are case-sensitive")
     ragged = next((i for i, r in enumerate(body, start=2) if len(r) != len(header)), None)
     if ragged is not None:
         raise TaskError(field, f"{path.name} line {ragged} has a different number of fields than the header")
@@ -147,8 +166,9 @@ def _load_npz(path: Path, groups: str | None, field: str) -> Dataset:
             group_values = npz[groups] if groups is not None else None
     except TaskError:
         raise
-    except (OSError, ValueError) as exc:
-        raise TaskError(field, f"cannot read {path.name} as NPZ without pickle ({exc})") from None
+    except (OSError, ValueError) as exc:  # numpy's messages may quote the file's headers: named, not shown
+        raise TaskError(field, f"cannot read {path.name} as NPZ without pickle ({type(exc).__name__}); "
+                        "save it with np.savez(f, X=X, y=y) from numeric arrays") from None
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
         raise TaskError(field, f"{path.name}: X must be 2-D and y 1-D with as many rows (got {X.shape}, {y.shape})")
     if group_values is not None and group_values.shape != y.shape:

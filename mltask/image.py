@@ -5,7 +5,9 @@ the image must hold exactly the numpy, scipy and scikit-learn the requestor has.
 than pinning versions in a file that drifts, :func:`build_image` builds wheels of the
 installed versions (``pip wheel pkg==version``, normally from pip's cache) and of this
 mltask into the build context; the image installs them offline, with the build's
-network off, so no registry is needed inside Docker.
+network off, so no registry is needed inside Docker. The provider's own policy (the
+module prefixes it imports estimators from, :mod:`mltask.policy`) is written into the
+image at the same time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from mltask import __version__
 from mltask.errors import TaskError
+from mltask.policy import DEFAULT_MODULES, ProviderPolicy, module_prefixes
 
 DEFAULT_TAG = f"mltask-provider:{__version__}"
 # What `python -m mltask.provider` imports; everything else (Optuna, rich, matplotlib)
@@ -85,8 +88,14 @@ def docker_client(timeout: float | None = 60) -> Any:
     return client
 
 
-def build_image(base: str | None = None, tag: str = DEFAULT_TAG, log: Any = print) -> BuiltImage:
-    """Build the provider image from ``docker/Dockerfile`` with offline wheels."""
+def build_image(base: str | None = None, tag: str = DEFAULT_TAG, log: Any = print,
+                allow_modules: tuple[str, ...] = ()) -> BuiltImage:
+    """Build the provider image from ``docker/Dockerfile`` with offline wheels.
+
+    Its providers import estimators from ``sklearn.`` and the ``allow_modules`` prefixes
+    only, whatever a subtask allows (the packages must be installed in the image too).
+    """
+    policy = ProviderPolicy(module_prefixes((*DEFAULT_MODULES, *allow_modules), "--allow-modules"))
     dockerfile = SOURCE_DIR / "docker" / "Dockerfile"
     if not dockerfile.is_file():
         raise TaskError("image", f"{dockerfile} is missing; build from a checkout of the mltask sources")
@@ -94,6 +103,8 @@ def build_image(base: str | None = None, tag: str = DEFAULT_TAG, log: Any = prin
     with tempfile.TemporaryDirectory(prefix="mltask-image-") as tmp:
         context = Path(tmp)
         shutil.copy(dockerfile, context / "Dockerfile")
+        (context / "policy.json").write_text(policy.to_json())
+        log(f"providers will import estimators from {', '.join(policy.modules)} only")
         wheels = context / "wheels"
         log(f"building wheels of {', '.join(PROVIDER_PACKAGES)} and mltask {__version__} at the versions "
             "installed here")

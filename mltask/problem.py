@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mltask.data import Dataset
+from mltask.data import Dataset, resource_path
 from mltask.definition import CVSpec, EstimatorSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
 from mltask.estimators import EstimatorObject, build_object, class_paths
@@ -113,10 +113,8 @@ def _construct(cls: type, path: str, field: str) -> Any:
 
 
 def load_script(spec: ScriptSpec, resources_dir: Path) -> Callable[..., Any]:
-    """The script's training function, loaded from the resources dir."""
-    path = resources_dir / spec.file
-    if not path.is_file():
-        raise TaskError("options.script.file", f"{spec.file!r} is not among the resources; list it in `resources`")
+    """The script's training function, loaded from the resources dir (by name: never a path or a link)."""
+    path = resource_path(resources_dir, spec.file, "options.script.file")
     module_spec = importlib.util.spec_from_file_location(f"mltask_script_{path.stem}", path)
     assert module_spec is not None and module_spec.loader is not None
     module: ModuleType = importlib.util.module_from_spec(module_spec)
@@ -176,10 +174,15 @@ def make_splitter(cv: CVSpec) -> Any:
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
     """The trial's parameters, checked and as ``set_params`` takes them (:func:`estimator_params`),
-    plus its seed in every ``random_state`` left unset."""
+    plus its seed in every ``random_state`` left unset.
+
+    An explicit ``null`` (``"random_state": [null, 1]``) counts as unset: scikit-learn
+    would read it as "seed from the global generator", which makes a re-run differ from the
+    provider's run and the verifier blame an honest provider.
+    """
     params = estimator_params(trial.params)
     for key, value in estimator.get_params(deep=True).items():
-        if (key == "random_state" or key.endswith("__random_state")) and value is None and key not in params:
+        if (key == "random_state" or key.endswith("__random_state")) and params.get(key, value) is None:
             params[key] = trial.seed
     return params
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mltask.definition import MAX_METRICS, MAX_SPLITS, CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
 from mltask.space import Value
@@ -36,9 +36,15 @@ ERROR_BYTES = 2000
 _BASE_RESULT_BYTES = 64 * 1024
 _PER_TRIAL_RESULT_BYTES = 32 * 1024
 _SCORE_BYTES = 40  # one more float in a result, with its separator
+# No honest fit, score or subtask takes longer (116 days); a provider's 1e300 is refused at once.
+MAX_SECONDS = 1e7
+# Timings of a subtask's trials lie within its compute time (one process, one clock); the
+# slack only absorbs float rounding of the sums.
+_TIME_SLACK = 1e-6
+RESOURCE_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"  # a file name in the resources dir, never a path
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 Params = dict[Annotated[str, Field(max_length=200)], Value]
@@ -53,7 +59,7 @@ class _Wire(BaseModel):
 class ResourceRef(_Wire):
     """A file in the resources dir; providers refuse to run if its hash differs."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,200}$")]
+    name: Annotated[str, Field(pattern=RESOURCE_NAME)]
     sha256: Digest
     size: int = Field(ge=0)
 
@@ -81,6 +87,16 @@ class TrialSpec(_Wire):
     number: int = Field(ge=0)
     params: Params
     seed: int = Field(ge=0, lt=2**32)
+    folds: Annotated[list[Annotated[int, Field(ge=0, lt=100)]], Field(min_length=1, max_length=100)] | None = Field(
+        default=None, description="Only these CV folds (a verification check); default every fold."
+    )
+
+    @field_validator("folds")
+    @classmethod
+    def _distinct_sorted(cls, folds: list[int] | None) -> list[int] | None:
+        if folds is not None and folds != sorted(set(folds)):
+            raise ValueError("folds must be distinct and in increasing order")
+        return folds
 
 
 class SubtaskDefinition(_Wire):
@@ -89,6 +105,14 @@ class SubtaskDefinition(_Wire):
     subtask_id: Ident
     problem: Problem
     trials: list[TrialSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _folds_exist(self) -> SubtaskDefinition:
+        folds = problem_folds(self.problem)
+        for trial in self.trials:
+            if trial.folds is not None and trial.folds[-1] >= folds:
+                raise ValueError(f"trial {trial.number} asks for fold {trial.folds[-1]}; the CV has {folds}")
+        return self
 
 
 class TrialResult(_Wire):
@@ -213,10 +237,12 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
     got = [(t.number, t.params, t.seed) for t in result.trials]
     if sent != got:
         raise ResultError("result trials differ from those sent (numbers, parameters or seeds)")
-    folds = subtask_folds(subtask)
-    for trial in result.trials:
+    all_folds = subtask_folds(subtask)
+    for sent_trial, trial in zip(subtask.trials, result.trials, strict=True):
+        folds = all_folds if sent_trial.folds is None else len(sent_trial.folds)
         if trial.status == "ok":
-            if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.fold_fingerprints) == folds):
+            if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.score_times)
+                    == len(trial.fold_fingerprints) == folds):
                 raise ResultError(
                     f"trial {trial.number} is ok but lacks its {folds} fold scores, times or fingerprints")
             if trial.mean_score is None or trial.std_score is None:
@@ -228,6 +254,10 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
             _check_score_lists(trial, subtask.problem, folds)
         elif not trial.error:
             raise ResultError(f"trial {trial.number} failed without an error message")
+    timed = math.fsum(math.fsum(t.fit_times) + math.fsum(t.score_times) for t in result.trials)
+    if timed > result.compute_time * (1 + _TIME_SLACK) + _TIME_SLACK:
+        raise ResultError(f"fit and score times add up to {timed:.6g} s, more than the {result.compute_time:.6g} s "
+                          "compute time of the subtask")
 
 
 def _check_score_lists(trial: TrialResult, problem: Problem, folds: int) -> None:
@@ -248,8 +278,13 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
+def problem_folds(problem: Problem) -> int:
+    """How many CV folds a trial of ``problem`` has."""
+    return problem.cv.n_splits
+
+
 def subtask_folds(subtask: SubtaskDefinition) -> int:
-    return subtask.problem.cv.n_splits
+    return problem_folds(subtask.problem)
 
 
 def dumps(model: BaseModel) -> str:

@@ -4,6 +4,11 @@ Every backend runs this: the local backend calls :func:`run_subtask` inside its 
 processes, the Docker image and Golem providers run ``python -m mltask.provider``, and the
 verifier calls it on the requestor to re-run a subtask. Loading the dataset, hashing
 resources and building the splits happen once per process and problem, not once per trial.
+
+Run as ``mltask-provider`` (in the image, on a provider), it enforces the image's own
+:mod:`~mltask.policy` over what a subtask asks: estimators only from the image's module
+prefixes, files only among the subtask's resources. In-process (local backend, verifier)
+the requestor runs its own task, and the task's ``allowed_modules`` is its own choice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from mltask import __version__
 from mltask.data import load_dataset
 from mltask.errors import TaskError
+from mltask.policy import ProviderPolicy, check_named_files, load_policy
 from mltask.problem import TrialEvaluator, make_splits
 from mltask.protocol import (
     ERROR_BYTES,
@@ -100,13 +106,20 @@ def one_thread() -> Any:
     return _threadpools().limit(limits=1)
 
 
-def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> SubtaskResult:
-    """Train and score every trial of ``subtask`` with one BLAS/OpenMP thread."""
+def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path,
+                     policy: ProviderPolicy | None = None) -> SubtaskResult:
+    """Train and score every trial of ``subtask`` with one BLAS/OpenMP thread.
+
+    ``policy`` is the provider's own (``None`` on the requestor, running its own task).
+    """
     started = time.perf_counter()
+    if policy is not None:
+        policy.check(subtask.problem)
+    check_named_files(subtask.problem)
     check_resources(subtask.problem.resources, resources_dir)
     evaluator = evaluator_for(subtask.problem, resources_dir)
     with one_thread():
-        trials = [evaluator.evaluate(trial) for trial in subtask.trials]
+        trials = [evaluator.evaluate(trial, trial.folds) for trial in subtask.trials]
     return SubtaskResult(
         task_id=subtask.task_id,
         subtask_id=subtask.subtask_id,
@@ -116,22 +129,24 @@ def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> Subtask
     )
 
 
-def run_subtask(work_dir: Path, resources_dir: Path, output_dir: Path) -> None:
+def run_subtask(work_dir: Path, resources_dir: Path, output_dir: Path, policy: ProviderPolicy | None = None) -> None:
     """Read ``work_dir/subtask.json``, write ``output_dir/result.json``."""
     subtask = SubtaskDefinition.model_validate_json((work_dir / SUBTASK_FILE).read_bytes())
-    result = evaluate_subtask(subtask, resources_dir)
+    result = evaluate_subtask(subtask, resources_dir, policy)
     write_json_atomic(output_dir / RESULT_FILE, dumps(result))
 
 
-def serve(work_dir: Path, resources_dir: Path, output_dir: Path, poll: float = 0.02) -> None:
+def serve(work_dir: Path, resources_dir: Path, output_dir: Path, policy: ProviderPolicy | None = None,
+          notify: Path | None = None, poll: float = 0.02) -> None:
     """Run each subtask that appears as ``work_dir/subtask.json``, in this one process.
 
     For backends that keep a provider between subtasks (docker): a fresh process per
     subtask pays scikit-learn's import and the dataset load every time, 1.3 s measured in
     the image, which is 13% of a 10 s subtask; here they are paid once per provider. The
     requestor writes each subtask atomically (a new file); the answer is ``result.json``,
-    or ``error.txt`` if the provider itself failed, also written atomically, so the
-    file's appearance means it is complete.
+    or ``error.txt`` if the provider itself failed, also written atomically, and nothing
+    else: the previous answer is removed first. Then a line goes to ``notify`` (the docker
+    backend's pipe), which tells the requestor to read the output now, without polling it.
     """
     last: bytes | None = None
     while True:
@@ -143,10 +158,18 @@ def serve(work_dir: Path, resources_dir: Path, output_dir: Path, poll: float = 0
             time.sleep(poll)
             continue
         last = data
+        for name in (RESULT_FILE, ERROR_FILE):
+            (output_dir / name).unlink(missing_ok=True)
         try:
-            run_subtask(work_dir, resources_dir, output_dir)
+            run_subtask(work_dir, resources_dir, output_dir, policy)
         except Exception as exc:  # reported as this subtask's failure; the next one may be fine
-            write_json_atomic(output_dir / ERROR_FILE, f"{type(exc).__name__}: {exc}"[:ERROR_BYTES])
+            try:
+                write_json_atomic(output_dir / ERROR_FILE, f"{type(exc).__name__}: {exc}"[:ERROR_BYTES])
+            except OSError:  # the output is full (a script filled it): the requestor judges what it holds
+                pass
+        if notify is not None:
+            with open(notify, "wb", buffering=0) as pipe:
+                pipe.write(b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", type=Path, default=GOLEM_RESOURCES, help="dir holding the resources")
     parser.add_argument("--output", type=Path, default=GOLEM_OUTPUT, help="dir to write result.json to")
     parser.add_argument("--serve", action="store_true", help="stay up and run every new subtask.json (docker)")
+    parser.add_argument("--notify", type=Path, default=None, help="with --serve: write a line here after each answer")
     args = parser.parse_args(argv)
-    if args.serve:
-        serve(args.work, args.resources, args.output)
     try:
-        run_subtask(args.work, args.resources, args.output)
+        policy = load_policy()
+        if args.serve:
+            serve(args.work, args.resources, args.output, policy, args.notify)
+        run_subtask(args.work, args.resources, args.output, policy)
     except TaskError as exc:
         print(f"mltask-provider: {exc}", file=sys.stderr)
         return 2

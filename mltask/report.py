@@ -53,9 +53,10 @@ def verification_lines(summary: Summary) -> list[str]:
     """The verification figures, with a loud warning when the best was not re-run in full."""
     v = summary.verification
     lines = [
-        f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked, "
-        f"{v['unverified']} unverified; {v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; "
-        f"re-run overhead {100 * v['overhead']:.1f}% of provider compute",
+        f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked by the "
+        f"requestor, {v['verified_cross']} cross-checked by another provider, {v['unverified']} unchecked; "
+        f"{v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; verification overhead "
+        f"{100 * v['overhead']:.1f}% of useful compute (budget {100 * v['budget']:.0f}%)",
     ]
     if v["banned_providers"]:
         lines.append("- banned providers: " + "; ".join(f"{p} ({r})" for p, r in v["banned_providers"].items()))
@@ -119,11 +120,11 @@ def _leaderboard(summary: Summary) -> list[str]:
     if not ranked:
         return ["No trial completed."]
     names = summary.param_names
-    header = ["rank", "trial", "mean", "std", *names, "provider"]
+    header = ["rank", "trial", "mean", "std", *names, "provider", "verified"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in ranked:
         cells = [r["rank_test_score"], r["number"], f"{r['mean_test_score']:.6g}", f"{r['std_test_score']:.3g}",
-                 *[r["params"].get(n, "") for n in names], r["provider"]]
+                 *[r["params"].get(n, "") for n in names], r["provider"], r["verified"]]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 

@@ -1,26 +1,46 @@
 """A test harness of dishonest providers (not product code).
 
 ``InlineBackend`` runs the real provider entry point in this process, synchronously, for a
-set of named providers, so hundreds of simulated searches take seconds. A provider may be
-given a *cheat*: a function that rewrites its honest result before the requestor reads it,
-the way a dishonest machine would write whatever it liked into ``/golem/output``.
+set of named providers, so hundreds of simulated searches take seconds (with an
+``InlineReferee`` for the requestor's re-runs). ``TamperingLocal`` does the same on the local
+backend's real worker processes and the real referee pool. A provider may be given a
+*cheat*: a function that rewrites its honest result before the requestor reads it, the way
+a dishonest machine would write whatever it liked into ``/golem/output``; it also cheats in
+the check subtasks it is sent.
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
 import json
+import math
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mltask.backends.base import Backend, Completion
+from mltask.backends.local import LocalBackend
 from mltask.definition import parse_definition
-from mltask.protocol import RESULT_FILE, SubtaskDefinition, dumps, result_size_limit
+from mltask.problem import combined_fingerprint
+from mltask.protocol import (
+    RESULT_FILE,
+    Problem,
+    SubtaskDefinition,
+    SubtaskResult,
+    TrialResult,
+    TrialSpec,
+    dumps,
+    result_size_limit,
+)
 from mltask.provider import evaluate_subtask
+from mltask.referee import rerun
 from mltask.scheduler import drive
 from mltask.task import HyperparameterSearchTask
+from mltask.verifier import Verifier
 
 Cheat = Callable[[dict[str, Any], SubtaskDefinition, random.Random], "dict[str, Any] | bytes | None"]
 
@@ -71,15 +91,24 @@ def copy_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Rand
     return doc
 
 
-def single_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
-    """Inflate one fold of one trial only: the smallest lie that moves a score."""
+def _bump_one_fold(doc: dict[str, Any], rng: random.Random, delta: float) -> dict[str, Any]:
     ok = _ok_trials(doc)
     if ok:
         trial = rng.choice(ok)
         fold = rng.randrange(len(trial["fold_scores"]))
-        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + 0.2)
+        trial["fold_scores"][fold] = min(1.0, trial["fold_scores"][fold] + delta)
         _consistent(trial)
     return doc
+
+
+def single_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Inflate one fold of one trial only: the smallest lie that moves a score."""
+    return _bump_one_fold(doc, rng, 0.2)
+
+
+def small_fold(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Inflate one fold of one trial per subtask by 0.002: smaller than most gaps between scores."""
+    return _bump_one_fold(doc, rng, 0.002)
 
 
 def fake_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
@@ -95,9 +124,13 @@ def fake_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Rando
 def claim_failed(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
     """Skip the work and say every configuration crashed."""
     for trial in doc["trials"]:
-        trial.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
-                     fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
+        _say_failed(trial)
     return doc
+
+
+def _say_failed(trial: dict[str, Any]) -> None:
+    trial.update(status="failed", error="MemoryError: out of memory", fold_scores=[], fold_fingerprints=[],
+                 fit_times=[], score_times=[], mean_score=None, std_score=None, fingerprint=None)
 
 
 def skip_trial(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
@@ -128,6 +161,71 @@ def outdated(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random
     return doc
 
 
+def lower_good(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Sabotage: report every good trial (accuracy >= 0.9) a little worse, so a rival's result wins."""
+    for trial in _ok_trials(doc):
+        if trial["mean_score"] >= 0.9:
+            trial["fold_scores"] = [s - 0.03 for s in trial["fold_scores"]]
+            _consistent(trial)
+    return doc
+
+
+def hide_best(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Sabotage: report the subtask's best trial as crashed, so it can never win."""
+    ok = _ok_trials(doc)
+    if ok:
+        _say_failed(max(ok, key=lambda t: t["mean_score"]))
+    return doc
+
+
+def replay_verifier(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Knows the code and the task seed, and replays what v1's seeded verifier would check.
+
+    v1 drew its spot checks from ``random.Random(task seed)``; this provider trains only the
+    trial that replay predicts and invents plausible scores (its neighbour's, noisy) with
+    random fingerprints for the rest. Against draws from the OS the prediction is a guess.
+    """
+    ok = _ok_trials(doc)
+    if len(ok) < 2:
+        return doc
+    replay = random.Random(doc["task_id"] + doc["subtask_id"])
+    kept = replay.choice(ok)
+    for trial in ok:
+        if trial is not kept:
+            trial["fold_scores"] = [min(1.0, s + rng.uniform(-0.01, 0.01)) for s in kept["fold_scores"]]
+            trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in trial["fold_fingerprints"]]
+            _consistent(trial)
+    return doc
+
+
+class Colluders:
+    """Providers sharing state: each fakes its trials and confirms its partners' fakes when it checks them.
+
+    A fake is remembered by (parameters, seed), which a check subtask repeats, so a colluder
+    that is sent a partner's trial to check answers with the partner's invented folds.
+    """
+
+    def __init__(self) -> None:
+        self.fakes: dict[str, dict[str, Any]] = {}
+
+    def cheat(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        for spec, trial in zip(subtask.trials, doc["trials"], strict=True):
+            key = json.dumps([spec.params, spec.seed], sort_keys=True)
+            if trial["status"] != "ok":
+                continue
+            if spec.folds is None:  # our own work: invent it
+                fake = {"fold_scores": [min(1.0, s + 0.05) for s in trial["fold_scores"]],
+                        "fold_fingerprints": [f"{rng.getrandbits(256):064x}" for _ in trial["fold_scores"]]}
+                self.fakes[key] = fake
+            elif key in self.fakes:  # a partner's trial sent to us to check: confirm the partner
+                fake = {k: [v[f] for f in spec.folds] for k, v in self.fakes[key].items()}
+            else:
+                continue
+            trial.update(fake)
+            _consistent(trial)
+        return doc
+
+
 def sometimes(cheat: Cheat, fraction: float) -> Cheat:
     """Cheat on a ``fraction`` of subtasks only, to stay under the radar."""
 
@@ -142,6 +240,166 @@ CHEATS: dict[str, Cheat] = {
     "single_fold": single_fold, "fake_best": fake_best, "claim_failed": claim_failed, "skip_trial": skip_trial,
     "other_subtask": other_subtask, "malformed": malformed, "huge": huge,
 }
+# The adversaries of the verification issue, beyond the kinds above (colluders: see Colluders).
+ADVERSARIES: dict[str, Callable[[], Cheat]] = {
+    "replay_verifier": lambda: replay_verifier, "lower_good": lambda: lower_good, "hide_best": lambda: hide_best,
+    "small_fold": lambda: small_fold, "patient": lambda: Patient(3),
+}
+
+
+# -- adversaries that keep state, know the code or work together --------------------------
+
+
+def _invent(trial: dict[str, Any], pool: list[float], ceiling: float | None, rng: random.Random) -> None:
+    """Replace a trial's folds by scores like ``pool`` (scores computed for real), with made-up fingerprints."""
+    scores = [rng.choice(pool) + rng.gauss(0.0, 0.002) for _ in trial["fold_scores"]]
+    trial["fold_scores"] = scores if ceiling is None else [min(s, ceiling) for s in scores]
+    trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in scores]
+    trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+    _consistent(trial)
+
+
+class Patient:
+    """Honest for its first ``patience`` subtasks, to earn trust; then it trains nothing.
+
+    Once trusted it reports scores like those it computed honestly, so its lies look like its work.
+    """
+
+    def __init__(self, patience: int = 20) -> None:
+        self.patience = patience
+        self.answered = 0
+        self.pool: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        self.answered += 1
+        for trial in _ok_trials(doc):
+            if self.answered <= self.patience:
+                self.pool.extend(trial["fold_scores"])
+            else:
+                _invent(trial, self.pool or [0.5], None, rng)
+        return doc
+
+
+class Saboteur:
+    """Trains honestly but hides its good configurations, so a worse one wins the search.
+
+    A trial better than the best ``top`` share of what it computed before gets every fold
+    lowered by ``drop``, or with ``fail`` is reported as crashed.
+    """
+
+    def __init__(self, *, fail: bool = False, top: float = 0.1, drop: float = 0.05) -> None:
+        self.fail, self.top, self.drop = fail, top, drop
+        self.means: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        ok = _ok_trials(doc)
+        bar = self.means[int(len(self.means) * (1 - self.top))] if len(self.means) >= 10 else math.inf
+        for trial in ok:
+            bisect.insort(self.means, trial["mean_score"])
+            if trial["mean_score"] < bar:
+                continue
+            if self.fail:
+                _say_failed(trial)
+            else:
+                trial["fold_scores"] = [s - self.drop for s in trial["fold_scores"]]
+                _consistent(trial)
+        return doc
+
+
+@dataclass(frozen=True)
+class Insight:
+    """What an adversary that knows mltask's code and watches the traffic works with."""
+
+    verifier: Verifier
+    task: HyperparameterSearchTask
+
+
+def replay_plan(insight: Insight, subtask: SubtaskDefinition, claimed: dict[str, Any],
+                provider: str) -> list[tuple[int, int | None]] | None:
+    """The (trial, fold) units the verifier will re-run of ``claimed``; ``None`` if its draws cannot be replayed.
+
+    Today's verifier draws from ``random.Random(task seed)``, and the seed reaches providers
+    (it seeds the CV splits, and can be recovered from trial seeds). An attacker who also
+    sees the order results arrive in replays every draw; this reads the state that replay
+    reaches from the verifier instead of recomputing it, and runs the verifier's own
+    planning code on a copy. A verifier that draws from the OS leaves nothing to replay.
+    """
+    verifier = insight.verifier
+    rng = getattr(verifier, "_rng", None)
+    if type(rng) is not random.Random or not hasattr(verifier, "_plan"):
+        return None
+    twin = copy.copy(verifier)
+    twin._rng = random.Random()
+    twin._rng.setstate(rng.getstate())
+    twin.seen_providers = set(verifier.seen_providers)
+    return twin._plan(subtask, SubtaskResult.model_validate(claimed), provider, insight.task.progress().best_value)
+
+
+class Replayer:
+    """Knows the code and the task seed: trains only what the verifier will re-run, invents the rest.
+
+    Its first answer is honest (it needs real scores to imitate). After that, invented
+    scores stay below the best so far, so no invented trial is a contender for the best
+    (which the verifier would re-run). Against a verifier it cannot replay it has to guess
+    the unit that will be checked. ``answers`` shared between two replayers makes them
+    colluders (:func:`colluders`).
+    """
+
+    def __init__(self, insight: Insight, name: str, answers: dict[tuple[str, int], dict[str, Any]] | None = None):
+        self.insight, self.name = insight, name
+        self.answers = {} if answers is None else answers
+        self.pool: list[float] = []
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        honest = json.loads(json.dumps(doc))
+        repeated = self._repeat(doc)
+        best = self.insight.task.progress().best_value
+        invented = [t for t in _ok_trials(doc) if t["number"] not in repeated]
+        if best is None or not self.pool:
+            self.pool.extend(s for t in invented for s in t["fold_scores"])
+            return self._remember(doc)
+        for trial in invented:
+            _invent(trial, self.pool, best - 0.002, rng)
+        plan = replay_plan(self.insight, subtask, doc, self.name)
+        if plan is None and invented:  # nothing to replay: guess
+            guess = rng.choice(invented)
+            plan = [(guess["number"], rng.randrange(len(guess["fold_scores"])))]
+        truth = {t["number"]: t for t in honest["trials"]}
+        numbers = {t["number"] for t in invented}
+        for number, fold in plan or []:
+            if number not in numbers:
+                continue
+            trial = next(t for t in doc["trials"] if t["number"] == number)
+            for f in range(len(trial["fold_scores"])) if fold is None else [fold]:
+                trial["fold_scores"][f] = truth[number]["fold_scores"][f]
+                trial["fold_fingerprints"][f] = truth[number]["fold_fingerprints"][f]
+                self.pool.append(truth[number]["fold_scores"][f])
+            trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+            _consistent(trial)
+        if replay_plan(self.insight, subtask, doc, self.name) not in (None, plan):
+            return self._remember(honest)  # a real fold made a contender: this once, be honest
+        return self._remember(doc)
+
+    def _repeat(self, doc: dict[str, Any]) -> set[int]:
+        """Answer what a partner answered before exactly as it did; the trial numbers repeated."""
+        repeated = set()
+        for i, trial in enumerate(doc["trials"]):
+            said = self.answers.get((json.dumps(trial["params"], sort_keys=True), trial["seed"]))
+            if said is not None:
+                doc["trials"][i] = dict(said, number=trial["number"])
+                repeated.add(trial["number"])
+        return repeated
+
+    def _remember(self, doc: dict[str, Any]) -> dict[str, Any]:
+        for trial in doc["trials"]:
+            self.answers[(json.dumps(trial["params"], sort_keys=True), trial["seed"])] = trial
+        return doc
+
+
+def colluders(insight: Insight, names: tuple[str, str] = ("colluder_a", "colluder_b")) -> dict[str, Replayer]:
+    """Two replayers sharing what they answered: asked to check the other's work, one repeats its answer."""
+    answers: dict[tuple[str, int], dict[str, Any]] = {}
+    return {name: Replayer(insight, name, answers) for name in names}
 
 
 class InlineBackend(Backend):
@@ -187,11 +445,78 @@ class InlineBackend(Backend):
         self._queue.clear()
 
 
+class InlineReferee:
+    """The requestor's re-runs done in this process when submitted (tests only: it blocks the loop)."""
+
+    def __init__(self, problem: Problem, resources_dir: Path) -> None:
+        self.problem, self.resources_dir = problem, resources_dir
+        self._done: list[tuple[Hashable, TrialResult, float]] = []
+        self.submitted = 0
+
+    def submit(self, key: Hashable, trial: TrialSpec) -> None:
+        text, seconds = rerun(dumps(self.problem), str(self.resources_dir), dumps(trial))
+        self._done.append((key, TrialResult.model_validate_json(text), seconds))
+        self.submitted += 1
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
+        done, self._done = self._done, []
+        return done
+
+    def pending(self) -> int:
+        return len(self._done)
+
+    def close(self) -> None:
+        self._done.clear()
+
+
 def run_inline(data: dict[str, Any], output_dir: Path, cheats: dict[str, Cheat | None],
                seed: int = 0) -> tuple[HyperparameterSearchTask, InlineBackend, str]:
     """Run a whole search on inline providers; the task, the backend and how it stopped."""
     task = HyperparameterSearchTask.create(parse_definition(data), output_dir.parent, output_dir)
     backend = InlineBackend(cheats, seed)
     backend.start(task.resources_dir, output_dir / "scratch")
-    status = drive(task, backend, timeout=600)
+    verifier = Verifier(task, InlineReferee(task.problem, task.resources_dir))
+    status = drive(task, backend, timeout=600, verifier=verifier)
+    return task, backend, status
+
+
+class TamperingLocal(LocalBackend):
+    """The local backend's real worker processes, some of whose answers are rewritten by a cheat.
+
+    The workers compute honestly; a cheating worker's ``result.json`` is rewritten before
+    the requestor reads it, as a dishonest machine would write whatever it liked there.
+    """
+
+    def __init__(self, cheats: dict[str, Cheat], workers: int, seed: int = 0) -> None:
+        super().__init__(workers=workers, preload=("sklearn.tree", "sklearn.model_selection", "sklearn.metrics"))
+        self.cheats = cheats
+        self.rng = random.Random(seed)
+        self.faked = {name: 0 for name in cheats}
+
+    def wait(self, timeout: float) -> list[Completion]:
+        done = super().wait(timeout)
+        for completion in done:
+            cheat = self.cheats.get(completion.provider)
+            path = (completion.output_dir or Path("/nonexistent")) / RESULT_FILE
+            if cheat is None or not path.exists():
+                continue
+            honest = json.loads(path.read_text())
+            written = cheat(json.loads(json.dumps(honest)), completion.subtask, self.rng)
+            self.faked[completion.provider] += written != honest
+            if isinstance(written, bytes):
+                path.write_bytes(written)
+            elif written is None:
+                path.unlink()
+            else:
+                path.write_text(json.dumps(written))
+        return done
+
+
+def run_local(data: dict[str, Any], output_dir: Path, cheats: dict[str, Cheat], workers: int = 3,
+              seed: int = 0) -> tuple[HyperparameterSearchTask, TamperingLocal, str]:
+    """Run a whole search on real local worker processes (``local-0``...), some of them cheating."""
+    task = HyperparameterSearchTask.create(parse_definition(data), output_dir.parent, output_dir)
+    with TamperingLocal(cheats, workers, seed) as backend:
+        backend.start(task.resources_dir, output_dir / "scratch")
+        status = drive(task, backend, timeout=600)
     return task, backend, status

@@ -6,6 +6,8 @@ builds both). Without them they are skipped with a banner, except in CI, where t
 
 from __future__ import annotations
 
+import io
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -14,15 +16,15 @@ from typing import Any
 import pytest
 
 from mltask import run_task
-from mltask.backends.docker import LABEL, DockerBackend
+from mltask.backends.docker import LABEL, DockerBackend, OutputRefused, read_answer
 from mltask.definition import parse_definition
 from mltask.image import docker_client
-from mltask.scheduler import make_verifier, settle
+from mltask.scheduler import make_verifier
 from mltask.task import HyperparameterSearchTask
 from tests.support import results, run_cli, task_dict, write_task
 
 SCRIPT = '''
-import os, socket, time
+import os, resource, socket, time
 
 def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
     k, mode = params["k"], params["mode"]
@@ -43,15 +45,29 @@ def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
                 score += 2 << i
             except OSError:
                 pass
-        return float(score + (16 if os.getuid() == 0 else 0))
-    if mode in ("symlink", "huge"):
+        score += 16 if os.getuid() == 0 else 0
+        score += 32 if os.stat("/golem/output").st_mode & 0o077 else 0  # the provider's alone
+        score += 64 if resource.getrlimit(resource.RLIMIT_NOFILE)[1] > 1024 else 0
+        shm = os.statvfs("/dev/shm")
+        score += 128 if shm.f_blocks * shm.f_frsize > 64 << 20 else 0
+        return float(score)
+    if mode in ("symlink", "huge"):  # a dishonest provider: writes its own answer and says so
         if mode == "symlink":
             os.symlink("/etc/passwd", "/golem/output/result.json")
         else:
             with open("/golem/output/.result.json.tmp", "w") as fh:
-                fh.write("[" + "1," * 20_000_000 + "1]")
+                fh.write("[" + "1," * 10_000_000 + "1]")
             os.replace("/golem/output/.result.json.tmp", "/golem/output/result.json")
-        os._exit(0)  # skip writing the honest result
+        with open("/golem/answered", "wb") as fh:
+            fh.write(b"\\n")
+        time.sleep(600)  # never writes the honest result
+    if mode in ("flood", "litter"):  # fills its output, then answers honestly (if it still can)
+        try:
+            for i in range(200 if mode == "flood" else 20_000):
+                with open(f"/golem/output/{mode}-{i}", "wb") as fh:
+                    fh.write(bytes(1 << 20) if mode == "flood" else b"x")
+        except OSError:
+            pass
     return float(k)
 '''
 
@@ -89,7 +105,7 @@ def test_search_in_containers_matches_the_local_backend(provider_image: str, tmp
 def test_container_is_sandboxed(provider_image: str, tmp_path: Path) -> None:
     data = _script_task(tmp_path, "escape", n=2, subtasks=1)
     # The requestor's re-run could escape (root, a network), so its scores would differ: no checks here.
-    data["options"]["verification"] = {"sample_rate": 0, "verify_best": False}
+    data["options"]["verification"] = {"budget": 0, "verify_best": False}
     run_task(write_task(tmp_path, data), backend="docker", workers=1, image=provider_image,
              output=tmp_path / "out", quiet=True)
     assert [t["mean_test_score"] for t in results(tmp_path / "out")["trials"]] == [0.0, 0.0]
@@ -131,7 +147,9 @@ def test_killed_container_is_replaced_and_its_subtask_sent_again(provider_image:
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize(("mode", "why"), [("symlink", "links are refused"), ("huge", "larger than")])
+@pytest.mark.parametrize(("mode", "why"), [("symlink", "links are refused"), ("huge", "larger than"),
+                                           ("flood", "'flood-0' besides one answer"),
+                                           ("litter", "'litter-0' besides one answer")])
 def test_malicious_result_is_refused_and_its_provider_banned(
     provider_image: str, tmp_path: Path, mode: str, why: str
 ) -> None:
@@ -139,14 +157,19 @@ def test_malicious_result_is_refused_and_its_provider_banned(
                                            tmp_path, tmp_path / "out")
     with DockerBackend(workers=1, image=provider_image) as backend:
         backend.start(task.resources_dir, tmp_path / "scratch")
+        first = backend._slots[0].container.id
         backend.submit("docker-0", task.next_subtask("docker-0"), 120)
         done: list = []
         while not done:
             done = backend.wait(1.0)
-        settle(task, done[0], make_verifier(task))
+        make_verifier(task).settle(done[0], 0.0)
+        assert backend._slots[0].container.id != first  # stopped, and its output with it
+        assert first not in {c.id for c in _leftover_containers()}
+        # Bounded in the container: nothing it wrote reached this machine's disk.
+        assert sum(p.stat().st_size for p in (tmp_path / "scratch").rglob("*") if p.is_file()) < 1 << 20
     assert "docker-0" in task.store.bans()
     [subtask] = task.store.subtasks()
-    assert subtask["state"] == "rejected" and why in subtask["reason"]
+    assert subtask["state"] == "rejected" and why in subtask["reason"], subtask["reason"]
     assert task.progress().done == 0
 
 
@@ -179,3 +202,141 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
                             "--quiet"], capsys)
     assert code == 2 and "cannot reach the Docker daemon" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before anything is created
+
+
+@pytest.mark.docker
+def test_image_carries_its_provider_policy(provider_image: str) -> None:
+    probe = "from mltask.policy import POLICY_FILE, load_policy; print(POLICY_FILE, load_policy().modules)"
+    container = docker_client().containers.create(provider_image, ["python", "-c", probe], network_mode="none")
+    try:
+        container.start()
+        container.wait(timeout=60)
+        out = container.logs(stderr=False)
+    finally:
+        container.remove(force=True, v=True)  # v: the image's anonymous volumes too
+    assert out.decode().strip() == "/opt/mltask/policy.json ('sklearn.',)"
+
+
+def test_image_build_refuses_a_prefix_that_allows_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["image", "build", "--allow-modules", "", "--tag", "mltask-provider:never"], capsys)
+    assert code == 2 and "--allow-modules: '' is not a package prefix" in err and err.count("\n") == 1
+
+
+def _tar(*members: tuple[str, bytes | str | None]) -> list[bytes]:
+    """A tar of an output dir as the Docker API streams it: (name, content, or a link target as str)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        root = tarfile.TarInfo(".")
+        root.type = tarfile.DIRTYPE
+        tar.addfile(root)
+        for name, content in members:
+            info = tarfile.TarInfo(f"./{name}")
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info.size = len(content or b"")
+                tar.addfile(info, io.BytesIO(content or b""))
+    data = buffer.getvalue()
+    return [data[i:i + 700] for i in range(0, len(data), 700)]  # chunks that cut headers in two
+
+
+def test_read_answer_takes_one_answer_within_its_bound() -> None:
+    assert read_answer(_tar(("result.json", b'{"a": 1}')), 100) == ("result.json", b'{"a": 1}')
+    assert read_answer(_tar(("error.txt", b"TaskError: x")), 100) == ("error.txt", b"TaskError: x")
+    refusals = {
+        "besides one answer": _tar(("result.json", b"{}"), ("junk", b"x")),
+        "'result.json' besides": _tar(("result.json", b"{}"), ("result.json", b"{}")),
+        "'error.txt' besides": _tar(("result.json", b"{}"), ("error.txt", b"x")),
+        "links are refused": _tar(("result.json", "/etc/passwd")),
+        "larger than the 100-byte bound": _tar(("result.json", b" " * 101)),
+        "holds no answer": _tar(),
+    }
+    for why, chunks in refusals.items():
+        with pytest.raises(OutputRefused, match=why):
+            read_answer(chunks, 100)
+
+
+CHEATING_PROVIDER = '''#!/opt/mltask/bin/python
+"""mltask-provider, but every score it reports is 0.05 better than it computed."""
+import sys
+
+import mltask.provider as provider
+
+honest = provider.evaluate_subtask
+
+
+def inflated(*args, **kwargs):
+    result = honest(*args, **kwargs)
+    trials = []
+    for trial in result.trials:
+        if trial.status == "ok":
+            folds = [min(1.0, s + 0.05) for s in trial.fold_scores]
+            mean = sum(folds) / len(folds)
+            std = (sum((f - mean) ** 2 for f in folds) / len(folds)) ** 0.5
+            trial = trial.model_copy(update={"fold_scores": folds, "mean_score": mean, "std_score": std})
+        trials.append(trial)
+    return result.model_copy(update={"trials": trials})
+
+
+provider.evaluate_subtask = inflated
+sys.exit(provider.main())
+'''
+
+
+@pytest.fixture(scope="module")
+def dishonest_image(provider_image: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The provider image with its evaluation replaced by a cheat, as a dishonest provider would run."""
+    context = tmp_path_factory.mktemp("dishonest")
+    (context / "mltask-provider").write_text(CHEATING_PROVIDER)
+    (context / "Dockerfile").write_text(
+        f"FROM {provider_image}\nUSER root\nCOPY mltask-provider /opt/mltask/bin/mltask-provider\n"
+        "RUN chmod 755 /opt/mltask/bin/mltask-provider\nUSER 10001\n"
+    )
+    tag = f"{provider_image}-dishonest"
+    client = docker_client()
+    client.images.build(path=str(context), tag=tag, rm=True)
+    yield tag
+    client.images.remove(tag, force=True)
+
+
+class _OneDishonestContainer(DockerBackend):
+    """Containers of the provider image, except one of a dishonest image (test-side, not product code)."""
+
+    def __init__(self, dishonest: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dishonest = dishonest
+
+    def _start_container(self, slot: Any) -> None:
+        honest = self.image
+        self.image = self.dishonest.get(slot.name, honest)
+        try:
+            super()._start_container(slot)
+        finally:
+            self.image = honest
+
+
+@pytest.mark.docker
+def test_dishonest_container_is_banned_by_checks_delegated_to_the_others(
+    provider_image: str, dishonest_image: str, tmp_path: Path
+) -> None:
+    from tests.dishonest import run_inline
+
+    data = task_dict(n_trials=40, cv={"kind": "stratified", "folds": 5})
+    data["subtasks_count"] = 8
+    honest, _, _ = run_inline(data, tmp_path / "honest", {"a": None, "b": None})
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    from mltask.scheduler import drive
+
+    with _OneDishonestContainer({"docker-3": dishonest_image}, workers=4, image=provider_image) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        assert drive(task, backend, timeout=600) == "finished"
+    assert set(task.store.bans()) == {"docker-3"}
+    provider_of = {s["subtask_id"]: s["provider"] for s in task.store.subtasks("search")}
+    delegated = [v for v in task.store.verdicts() if v["by"].startswith("docker-")]
+    assert delegated and all(v["by"] != provider_of[v["subtask_id"]] for v in delegated)
+    best = task.best_trial()
+    assert best.verified == "full" and best.provider != "docker-3"
+    assert best.value == honest.best_trial().value  # the true best is reported
+    assert all(r.provider != "docker-3" for r in task.store.trials())
+    assert not _leftover_containers()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from mltask.backends.golem import Budget, GolemBackend, OfferPrice, offer_price
+from mltask.backends.golem import Budget, GolemBackend, OfferPrice, offer_price, provider_name
 from mltask.definition import GolemOptions, ProviderOptions
 from mltask.errors import TaskError
 from tests.support import results, run_cli, task_dict, write_task
@@ -196,23 +196,46 @@ class _Proposal:
         self.rejected = reason
 
 
-def test_offers_above_the_bid_or_from_excluded_providers_are_rejected() -> None:
+CHEAP = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}  # 0.36 GLM/h
+
+
+def _node(digit: str) -> str:
+    return "0x" + digit * 40
+
+
+def _engaging() -> tuple[GolemBackend, list[tuple[str, str]]]:
+    """A backend (bid 0.5 GLM/h) that records whom it would engage, as (node id, name)."""
     backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
-    engaged: list[str] = []
+    engaged: list[tuple[str, str]] = []
 
     async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
-        engaged.append(provider_id)
+        engaged.append((provider_id, name))
 
     backend._engage = engage  # type: ignore[method-assign]
-    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}  # 0.36 GLM/h
+    return backend, engaged
+
+
+def test_offers_above_the_bid_or_from_excluded_providers_are_rejected() -> None:
+    backend, engaged = _engaging()
     dear = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.0002, 0.0002, 0.0]}  # 1.44 GLM/h
-    offers = [_Proposal("0xa", cheap), _Proposal("0xb", dear), _Proposal("0xc", {}), _Proposal("0xd", cheap)]
-    backend._excluded.add("0xd")
+    offers = [_Proposal(_node("a"), CHEAP), _Proposal(_node("b"), dear), _Proposal(_node("c"), {}),
+              _Proposal(_node("d"), CHEAP)]
+    backend._excluded.add(_node("d"))
     for offer in offers:
         asyncio.run(backend._consider(offer))
-    assert engaged == ["0xa"]
+    assert [node for node, _ in engaged] == [_node("a")]
     assert [o.rejected for o in offers] == [None, "above 0.5 GLM/h", "no linear price", "excluded"]
     assert backend._offers == {"seen": 4, "above_bid": 1, "unpriced": 1, "failed": 0}
+
+
+def test_providers_are_known_by_their_node_id_whatever_they_call_themselves() -> None:
+    backend, engaged = _engaging()
+    for alias in ("honest", "../../../../tmp/x", "honest"):  # a name is the offer's own claim
+        asyncio.run(backend._consider(_Proposal(_node("e"), {**CHEAP, "golem.node.id.name": alias})))
+    assert [name for _, name in engaged] == [f"golem-{_node('e')}"] * 3  # one key across names and agreements
+    odd = _Proposal("../x", CHEAP)
+    asyncio.run(backend._consider(odd))
+    assert odd.rejected == "not a node id" and len(engaged) == 3
 
 
 def test_budget_refuses_a_subtask_that_could_pass_it() -> None:
@@ -264,20 +287,98 @@ def test_failed_provider_is_let_go_and_never_engaged_again(tmp_path: Path) -> No
 
 def test_a_failed_negotiation_does_not_end_the_market_search() -> None:
     backend = GolemBackend(2, ProviderOptions(cpus=1), GolemOptions(image_hash=HASH), bid=0.5)
-    cheap = {**OFFER, "golem.com.pricing.model.linear.coeffs": [0.00005, 0.00005, 0.0]}
     engaged: list[str] = []
 
     async def engage(proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
-        if provider_id == "0xbad":
+        if provider_id == _node("b"):
             raise RuntimeError("agreement not approved")
         engaged.append(provider_id)
 
     class _Demand:
         async def initial_proposals(self) -> Any:
-            for issuer in ("0xbad", "0xgood"):
-                yield _Proposal(issuer, cheap)
+            for issuer in (_node("b"), _node("9")):
+                yield _Proposal(issuer, CHEAP)
 
     backend._engage = engage  # type: ignore[method-assign]
     backend._demand = _Demand()
     asyncio.run(backend._search_market())
-    assert engaged == ["0xgood"] and backend._offers["failed"] == 1 and backend._fatal is None
+    assert engaged == [_node("9")] and backend._offers["failed"] == 1 and backend._fatal is None
+
+
+class _Streaming:
+    """An activity whose provider sends a result.json without end, as gftp would write it here."""
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+        self.destroyed = False
+
+    async def execute_commands(self, *commands: Any) -> Any:
+        [download] = [c for c in commands if type(c).__name__ == "DownloadFile"]
+        self.batch = _StreamingBatch(Path(download.dst_path))
+        return self.batch
+
+    async def destroy(self) -> None:
+        self.destroyed = True
+
+
+class _StreamingBatch:
+    def __init__(self, destination: Path) -> None:
+        self.destination = destination
+        self.done = False
+        self.cleaned = False
+        self.execute_after_task = None
+
+    async def wait(self, timeout: float) -> None:
+        with self.destination.open("ab") as fh:  # 64 KiB every 10 ms, 16 MiB in all
+            for _ in range(256):
+                fh.write(bytes(64 * 1024))
+                fh.flush()
+                await asyncio.sleep(0.01)
+        self.done = True
+
+    async def cleanup(self) -> None:
+        self.cleaned = True
+
+
+class _Agreement:
+    id = "agreement-2"
+
+    async def terminate(self, reason: str) -> None:
+        pass
+
+
+def test_a_download_past_its_bound_is_stopped_in_flight_and_bans_its_provider(tmp_path: Path) -> None:
+    from mltask.backends.golem import _Provider
+    from mltask.definition import parse_definition
+    from mltask.protocol import RESULT_FILE, result_size_limit
+    from mltask.scheduler import make_verifier, settle
+    from mltask.task import HyperparameterSearchTask
+
+    task = HyperparameterSearchTask.create(parse_definition(task_dict()), tmp_path, tmp_path / "out")
+    backend = GolemBackend(1, None, GolemOptions(image_hash=HASH), bid=1.0)
+    backend._scratch = tmp_path / "scratch"
+    activity = _Streaming()
+    slot = _Provider(provider_name(_node("f")), _node("f"), OfferPrice(0, 0.5), _Agreement(), activity)
+    backend._providers[slot.name] = slot
+    loop = backend._loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        subtask = task.next_subtask(slot.name)
+        backend.submit(slot.name, subtask, 60)
+        done: list = []
+        while not done:
+            done = backend.wait(1.0)
+        result = backend._scratch / slot.name / subtask.subtask_id / RESULT_FILE
+        size = result.stat().st_size
+        time.sleep(0.3)
+        assert result.stat().st_size == size  # stopped: nothing more arrives
+        # Past the bound by at most a few polls' worth of chunks, never the 16 MiB sent.
+        assert result_size_limit(subtask) < size < result_size_limit(subtask) + (2 << 20)
+        assert activity.batch.cleaned and not activity.batch.done
+        [completion] = done
+        assert completion.refused and "passed the" in completion.refused and completion.output_dir is None
+        settle(task, completion, make_verifier(task))
+        assert slot.name in task.store.bans() and task.progress().done == 0
+        assert backend.idle_providers() == [] and _node("f") in backend._excluded
+    finally:
+        loop.call_soon_threadsafe(loop.stop)

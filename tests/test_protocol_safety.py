@@ -65,6 +65,11 @@ def test_honest_result_reads_back(answered, tmp_path: Path) -> None:
         (lambda d: d["trials"][0].update(extra="field"), "schema"),
         (lambda d: d["trials"][0].update(fingerprint="not-hex"), "schema"),
         (lambda d: d.update(compute_time=-1), "schema"),
+        (lambda d: d.update(compute_time=1e300), "schema"),
+        (lambda d: d["trials"][0]["fit_times"].__setitem__(0, 1e300), "schema"),
+        (lambda d: d["trials"][0]["score_times"].__setitem__(0, 1e300), "schema"),
+        (lambda d: d["trials"][0]["score_times"].pop(), "lacks its 3 fold scores, times"),
+        (lambda d: d["trials"][0]["fit_times"].__setitem__(0, d["compute_time"] + 1), "more than the"),
     ],
 )
 def test_tampered_result_is_refused(answered, tmp_path: Path, tamper, message: str) -> None:
@@ -216,3 +221,106 @@ def test_serve_mode_answers_each_new_subtask_and_reports_its_own_failures(answer
     finally:
         proc.kill()
         proc.wait()
+
+
+# What a provider runs is its own policy, not the subtask's ------------------------------
+
+def _run_provider(doc: dict, resources: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``mltask-provider`` on a subtask document, as a provider runs it (no policy file: the default)."""
+    work, output = tmp_path / "work", tmp_path / "output"
+    for directory in (work, output):
+        directory.mkdir(exist_ok=True)
+    (work / SUBTASK_FILE).write_text(json.dumps(doc))
+    return subprocess.run([sys.executable, "-m", "mltask.provider", "--work", str(work), "--resources", str(resources),
+                           "--output", str(output)], capture_output=True, text=True, timeout=120)
+
+
+def _refused(proc: subprocess.CompletedProcess, tmp_path: Path, field: str) -> None:
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"mltask-provider: {field}: "), proc.stderr
+    assert not (tmp_path / "output" / RESULT_FILE).exists()
+
+
+@pytest.mark.parametrize("estimator", ["this.s", "os.system", "subprocess.Popen"])
+def test_provider_imports_only_from_its_own_modules(answered, tmp_path: Path, estimator: str) -> None:
+    task, subtask, _ = answered
+    doc = json.loads(dumps(subtask))
+    doc["problem"].update(allowed_modules=[""], estimator=estimator)  # the subtask allows everything
+    proc = _run_provider(doc, task.resources_dir, tmp_path)
+    _refused(proc, tmp_path, "options.estimator")
+    assert "outside the modules this provider allows (sklearn.)" in proc.stderr
+    assert "Zen of Python" not in proc.stdout  # refused before importing: `this` prints on import
+
+
+def test_provider_policy_can_only_be_narrowed_by_a_subtask(answered, tmp_path: Path) -> None:
+    task, subtask, _ = answered
+    doc = json.loads(dumps(subtask))
+    doc["problem"]["allowed_modules"] = ["sklearn.svm."]  # narrower than the provider's sklearn.
+    proc = _run_provider(doc, task.resources_dir, tmp_path)
+    _refused(proc, tmp_path, "options.estimator")
+    assert "outside the allowed modules ['sklearn.svm.']" in proc.stderr
+
+
+def _outside_script(tmp_path: Path) -> Path:
+    marker = tmp_path / "ran"
+    script = tmp_path / "outside.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\ndef fit_and_score(*args):\n    return 1.0\n")
+    return script
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_provider_runs_no_script_outside_its_resources(answered, tmp_path: Path, where: str) -> None:
+    task, subtask, _ = answered
+    script = _outside_script(tmp_path)
+    name = "../" * len(task.resources_dir.parts) + str(script)[1:] if where == "relative" else str(script)
+    doc = json.loads(dumps(subtask))
+    doc["problem"].update(estimator=None, scoring=None, script={"file": name, "function": "fit_and_score"})
+    proc = _run_provider(doc, task.resources_dir, tmp_path)
+    _refused(proc, tmp_path, "options.script.file")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_provider_reads_no_dataset_outside_its_resources(answered, tmp_path: Path) -> None:
+    task, subtask, _ = answered
+    secret = tmp_path / "secret.csv"
+    secret.write_text("SECRET-HEADER,other\n1,2\n3,4\n")
+    for name in (str(secret), "../" * len(task.resources_dir.parts) + str(secret)[1:], "/etc/passwd"):
+        doc = json.loads(dumps(subtask))
+        doc["problem"]["dataset"] = {"csv": name, "target": "nothere"}
+        proc = _run_provider(doc, task.resources_dir, tmp_path)
+        _refused(proc, tmp_path, "options.dataset.csv")
+        assert "SECRET" not in proc.stderr and "root:" not in proc.stderr
+
+
+def test_a_link_among_the_resources_is_not_followed(answered, tmp_path: Path) -> None:
+    task = answered[0]
+    (tmp_path / "secret.csv").write_text("SECRET-HEADER,other\n1,2\n3,4\n")
+    (task.resources_dir / "link.csv").symlink_to(tmp_path / "secret.csv")
+    from mltask.data import load_dataset
+    from mltask.definition import DatasetSpec
+
+    with pytest.raises(TaskError, match=r"'link\.csv' is not among the resources") as caught:
+        load_dataset(DatasetSpec(csv="link.csv", target="nothere"), task.resources_dir)
+    assert "SECRET" not in str(caught.value)
+
+
+def test_dataset_errors_never_quote_the_file(tmp_path: Path) -> None:
+    import struct
+    import zipfile
+
+    from mltask.data import load_dataset
+    from mltask.definition import DatasetSpec
+
+    (tmp_path / "data.csv").write_text("a,SECRET-CELL,b\n1,2,3\n4,5,6\n")
+    with pytest.raises(TaskError, match=r"no column 'y' among the 3 in the header of data\.csv") as caught:
+        load_dataset(DatasetSpec(csv="data.csv", target="y"), tmp_path)
+    assert "SECRET" not in str(caught.value)
+    header = "{'descr': 'SECRET-DESCR', 'fortran_order': False, 'shape': (2, 2), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(32)
+    with zipfile.ZipFile(tmp_path / "data.npz", "w") as npz:
+        npz.writestr("X.npy", npy)
+        npz.writestr("y.npy", npy)
+    with pytest.raises(TaskError, match=r"cannot read data\.npz as NPZ without pickle") as caught:
+        load_dataset(DatasetSpec(npz="data.npz"), tmp_path)
+    assert "SECRET" not in str(caught.value)

@@ -19,12 +19,18 @@ from mltask.protocol import SUBTASK_FILE, SubtaskDefinition, dumps, write_json_a
 
 @dataclass(frozen=True)
 class Completion:
-    """A subtask that ended on ``provider``: its output dir, or why there is none."""
+    """A subtask that ended on ``provider``: its output dir, or why there is none.
+
+    ``error`` is a fault (a crash, a timeout); ``refused`` says the provider broke the
+    protocol outside its result file (an output past its bounds), which is judged like a
+    false result.
+    """
 
     provider: str
     subtask: SubtaskDefinition
     output_dir: Path | None
     error: str | None = None
+    refused: str | None = None
 
 
 @dataclass

@@ -13,10 +13,19 @@ an agreement and one activity: Deploy, Start and the resources once
 :func:`~mltask.backends.commands.subtask_commands`, bounded by ``subtask_timeout``. A
 provider whose subtask fails or times out loses its agreement and is not engaged again in
 this run (verification bans are the scheduler's, as on every backend); the market then
-finds another. Debit notes and invoices are accepted from one allocation of
-``options.golem.budget`` GLM, created when the first agreement is about to be made (so
-the demand can be published, and the market searched, before any payment is possible);
-a subtask that could take spending past the budget is not started.
+finds another. Providers are named after their node id (``golem-0x...``), never after the
+name an offer gives itself, so a ban holds whatever a provider calls itself.
+
+A provider's ``result.json`` arrives through gftp, which writes whatever the provider
+sends: the download is watched while in flight and stopped once the file passes its
+subtask's bound (:func:`~mltask.protocol.result_size_limit`), which bans the provider as
+a docker output past its bounds does. Each transfer's gftp server is stopped when its
+batch ends, so nothing can arrive after the result was read.
+
+Debit notes and invoices are accepted from one allocation of ``options.golem.budget``
+GLM, created when the first agreement is about to be made (so the demand can be
+published, and the market searched, before any payment is possible); a subtask that could
+take spending past the budget is not started.
 
 What cannot be tested here: no provider agent runs on these machines, so everything from
 an agreement on (activities, transfers, payments) has been exercised only against the
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -41,12 +51,23 @@ from mltask.backends import commands as cmd
 from mltask.backends.base import Backend, Completion
 from mltask.definition import GolemOptions, ProviderOptions, duration_seconds
 from mltask.errors import TaskError
-from mltask.protocol import RESULT_FILE, SUBTASK_FILE, SubtaskDefinition, dumps, write_json_atomic
+from mltask.protocol import RESULT_FILE, SUBTASK_FILE, SubtaskDefinition, dumps, result_size_limit, write_json_atomic
 
 _USAGE_DURATION = "golem.usage.duration_sec"
 _USAGE_CPU = "golem.usage.cpu_sec"
 _INVOICE_WAIT_SECONDS = 60
 _NEGOTIATION_SECONDS = 300  # offer to a provider ready with the resources
+_DOWNLOAD_POLL_SECONDS = 0.05  # how often a download in flight is measured against its bound
+_NODE_ID = re.compile(r"^0x[0-9a-f]{40}$")
+
+
+class OversizeDownload(Exception):
+    """A provider sent more than its result may hold; the download was stopped."""
+
+
+def provider_name(node_id: str) -> str | None:
+    """The name a provider goes by here (its stores, bans, scratch dir): its node id, if it is one."""
+    return f"golem-{node_id}" if _NODE_ID.match(node_id) else None
 
 
 @dataclass(frozen=True)
@@ -278,9 +299,12 @@ class GolemBackend(Backend):
         self._offers["seen"] += 1
         data = await proposal.get_data()
         provider_id = data.issuer_id
+        name = provider_name(provider_id)
         price = offer_price(data.properties, self.limits.cpus)
         if provider_id in self._excluded:
             await _quietly(proposal.reject("excluded"))
+        elif name is None:
+            await _quietly(proposal.reject("not a node id"))
         elif price is None:
             self._offers["unpriced"] += 1
             await _quietly(proposal.reject("no linear price"))
@@ -288,7 +312,7 @@ class GolemBackend(Backend):
             self._offers["above_bid"] += 1
             await _quietly(proposal.reject(f"above {self.bid} GLM/h"))
         else:
-            await self._engage(proposal, provider_id, price, data.properties.get("golem.node.id.name") or provider_id)
+            await self._engage(proposal, provider_id, price, name)
 
     async def _engage(self, proposal: Any, provider_id: str, price: OfferPrice, name: str) -> None:
         response = await proposal.respond()
@@ -301,7 +325,7 @@ class GolemBackend(Backend):
             self._excluded.add(provider_id)
             return
         activity = await agreement.create_activity()
-        slot = _Provider(f"golem-{name[:24]}-{provider_id[2:8]}", provider_id, price, agreement, activity)
+        slot = _Provider(name, provider_id, price, agreement, activity)
         await self._execute(activity, cmd.setup_commands(self._resources), timeout=600)
         self._providers[slot.name] = slot
 
@@ -327,7 +351,9 @@ class GolemBackend(Backend):
                             f"{self.network}` (fund it with `yagna payment fund --network {self.network}` on a "
                             "testnet) and that yagna reaches its payment network") from None
 
-    async def _execute(self, activity: Any, commands: list[cmd.Command], timeout: float) -> None:
+    async def _execute(self, activity: Any, commands: list[cmd.Command], timeout: float,
+                       limit: int | None = None) -> None:
+        """Run ``commands`` as one batch; a download passing ``limit`` bytes is stopped in flight."""
         from golem.resources import Deploy, DownloadFile, Run, SendFile, Start
 
         translated = []
@@ -341,12 +367,20 @@ class GolemBackend(Backend):
             elif isinstance(command, cmd.Run):
                 translated.append(Run(list(command.args)))
             else:
+                # gftp writes into dst itself only if dst does not exist yet (else into a temporary
+                # file, copied afterwards): gone, it is the very file whose size is watched.
+                command.dst.unlink(missing_ok=True)
                 translated.append(DownloadFile(command.src, str(command.dst)))
+        downloads = [Path(c.dst) for c in commands if isinstance(c, cmd.DownloadFile)]
         batch = await activity.execute_commands(*translated)
-        await batch.wait(timeout=timeout)
+        try:
+            await _bounded(batch.wait(timeout=timeout), downloads, limit)
+        finally:
+            await _end_transfers(batch, translated)
 
-    async def _run_subtask(self, slot: _Provider, subtask_file: Path, result_file: Path, timeout: float) -> None:
-        await self._execute(slot.activity, cmd.subtask_commands(subtask_file, result_file), timeout)
+    async def _run_subtask(self, slot: _Provider, subtask_file: Path, result_file: Path, timeout: float,
+                           limit: int) -> None:
+        await self._execute(slot.activity, cmd.subtask_commands(subtask_file, result_file), timeout, limit)
 
     async def _release(self, slot: _Provider, reason: str) -> None:
         self._released[slot.agreement.id] = slot.name  # its invoice is still to come and to be paid
@@ -384,7 +418,8 @@ class GolemBackend(Backend):
         slot.subtasks += 1
         assert self._loop is not None
         slot.future = asyncio.run_coroutine_threadsafe(
-            self._run_subtask(slot, work / SUBTASK_FILE, work / RESULT_FILE, timeout), self._loop)
+            self._run_subtask(slot, work / SUBTASK_FILE, work / RESULT_FILE, timeout, result_size_limit(subtask)),
+            self._loop)
 
     def wait(self, timeout: float) -> list[Completion]:
         end = time.monotonic() + timeout
@@ -405,8 +440,11 @@ class GolemBackend(Backend):
         seconds = time.monotonic() - slot.started
         cost = self.budget.worst_case(slot.price, seconds, slot.subtasks == 1)
         self._costs[subtask.subtask_id] = round(cost, 6)
+        refused = None
         if not slot.future.done():
             error = f"timed out after {slot.deadline - slot.started:g} s"
+        elif isinstance(slot.future.exception(), OversizeDownload):
+            error = refused = str(slot.future.exception())
         elif slot.future.exception() is not None:
             error = f"{type(slot.future.exception()).__name__}: {slot.future.exception()}"
         else:
@@ -417,7 +455,7 @@ class GolemBackend(Backend):
         slot.future.cancel()
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(self._release(slot, "subtask failed"), self._loop)
-        return Completion(slot.name, subtask, None, error[:500])
+        return Completion(slot.name, subtask, None, error[:500], refused)
 
     def costs(self) -> dict[str, object]:
         if self._node is None:
@@ -453,6 +491,51 @@ class GolemBackend(Backend):
         await asyncio.gather(*rest, return_exceptions=True)
 
 
+async def _bounded(waiting: Any, downloads: list[Path], limit: int | None) -> None:
+    """Await a batch, stopping it once a file it downloads passes ``limit`` bytes.
+
+    gftp writes chunks at whatever offsets the provider sends, so the file's size (not its
+    blocks) is what is measured; at most one poll interval of data arrives past the bound.
+    """
+    batch = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({batch}, timeout=_DOWNLOAD_POLL_SECONDS)
+            if done:
+                return batch.result()
+            for path in downloads if limit is not None else []:
+                if _size(path) > limit:
+                    raise OversizeDownload(f"{path.name} passed the {limit}-byte bound for this subtask while "
+                                           "downloading; the download was stopped")
+    finally:
+        batch.cancel()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def _end_transfers(batch: Any, commands: list[Any]) -> None:
+    """Stop the gftp server of each transfer in ``batch`` once the batch is over.
+
+    golem-core 0.7.8 starts one ``gftp server`` per SendFile/DownloadFile and never stops it;
+    a receiving one would take chunks for as long as it runs, after the result was read. A
+    finished batch first gets its commands' ``after`` steps; an unfinished one has them
+    cancelled, so nothing is copied from a download that was stopped.
+    """
+    if batch.done:
+        await _quietly(batch.execute_after_task)
+    else:
+        await _quietly(batch.cleanup())
+    for command in commands:
+        gftp = getattr(command, "_gftp", None)  # golem-core's own handle on the transfer's server
+        if gftp is not None:
+            await _quietly(gftp.__aexit__(None, None, None))
+
+
 async def _quietly(awaitable: Any) -> None:
     """A courtesy call to yagna (reject, terminate) whose failure changes nothing for us."""
     try:
@@ -461,4 +544,4 @@ async def _quietly(awaitable: Any) -> None:
         pass
 
 
-__all__ = ["Budget", "GolemBackend", "OfferPrice", "offer_price"]
+__all__ = ["Budget", "GolemBackend", "OfferPrice", "OversizeDownload", "offer_price", "provider_name"]

@@ -1,0 +1,233 @@
+"""Verification at scale, simulated: what it costs and what it catches with 50 to 5,000 providers.
+
+The real task type, scheduler loop and verifier drive a simulated network in virtual time
+(:mod:`mltask.simulation`): heavy-tailed durations, 2% of subtasks lost to crashes and
+hangs, honest providers leaving and joining, and among the providers one of each adversary
+of ``tests/dishonest.py`` (one per 500 providers of each at larger sizes). Each run prints
+nothing; each (policy, size) prints which adversaries were caught, then its figures as one
+line, the last line of all being the last size of the last policy::
+
+    scale: providers=500 trials=20000 provider_busy=0.97 requestor_cores=0.4 overhead=3.9% caught=100% ...
+
+- provider_busy: provider busy time over busy time plus idle time while work waited to be
+  handed out (a requestor stuck re-running results is such a wait; a task out of work is not);
+- requestor_cores: the requestor's verification compute over the run's makespan;
+- overhead: all verification compute, wherever it ran, over the compute of the search itself;
+- caught: the share of adversaries that faked 10 or more trials that were banned;
+- faked_left: faked results still in the final results, summed over runs;
+- outcome_changed: runs whose reported best is not the honest best of the same configurations
+  (random search: trial n is the same configuration whatever came back, so this is exactly
+  the best of an honest run with the same seed, without running it);
+- false_bans: honest providers banned, summed over runs.
+
+Policies: ``today`` is mltask at commit ``TODAY`` (before verification v2), run from a copy
+of that commit's package extracted from git; ``tree`` is the code in this working tree.
+
+    python bench/scale.py [--providers N ...] [--runs R] [--trials T] [--policy today|tree ...]
+
+Default: both policies at 50, 500 and 5,000 providers with the runs and trials in ``SIZES``,
+chosen so the whole command takes about 10-15 minutes on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TODAY = "2116bfb"  # main when issue 11 (verification v2) was filed
+POLICIES = ("today", "tree")
+# providers -> (trials per run, runs)
+SIZES: dict[int, tuple[int, int]] = {50: (2_000, 4), 500: (20_000, 1), 5000: (40_000, 1)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The task every run searches."""
+
+    trials_per_subtask: int = 5
+    folds: int = 5
+
+
+def _kinds() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
+    """Adversary kinds: each makes its providers (name -> cheat) from the insight and a name suffix."""
+    from tests.dishonest import CHEATS, Patient, Replayer, Saboteur, colluders, inflate, outdated, small_fold, sometimes
+
+    def one(make: Callable[[Any, str], Any]) -> Callable[[Any, str], dict[str, Any]]:
+        return lambda insight, name: {name: make(insight, name)}
+
+    kinds = {kind: one(lambda insight, name, cheat=cheat: cheat) for kind, cheat in CHEATS.items()}
+    kinds.update({
+        "occasional": one(lambda insight, name: sometimes(inflate, 0.2)),
+        "small_fold": one(lambda insight, name: small_fold),
+        "replayer": one(lambda insight, name: Replayer(insight, name)),
+        "saboteur_lower": one(lambda insight, name: Saboteur()),
+        "saboteur_fail": one(lambda insight, name: Saboteur(fail=True)),
+        "patient": one(lambda insight, name: Patient()),
+        "outdated": one(lambda insight, name: outdated),
+        "colluder": lambda insight, name: colluders(insight, (f"{name}_a", f"{name}_b")),
+    })
+    return kinds
+
+
+def cast(insight: Any, copies: int, kinds: Collection[str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """The adversaries of a run: ``copies`` of each kind (default every kind); and which of them lie.
+
+    Every kind lies except ``outdated``: an honest provider on another scikit-learn, to be
+    dropped and never banned.
+    """
+    cheats: dict[str, Any] = {}
+    for kind, make in _kinds().items():
+        if kinds is None or kind in kinds:
+            for i in range(copies):
+                cheats.update(make(insight, kind if i == 0 else f"{kind}{i}"))
+    return cheats, {name for name in cheats if kind_of(name) != "outdated"}
+
+
+def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape = Shape(),
+             kinds: Collection[str] | None = None) -> Any:
+    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures."""
+    from mltask.definition import parse_definition
+    from mltask.scheduler import drive, make_verifier
+    from mltask.simulation import SimBackend, measure, synthetic_task
+    from mltask.task import HyperparameterSearchTask
+    from tests.dishonest import Insight
+
+    out = scratch / f"run{seed}"
+    data = synthetic_task(out / "task", n_trials=trials, trials_per_subtask=shape.trials_per_subtask,
+                          folds=shape.folds, seed=seed)
+    task = HyperparameterSearchTask.create(parse_definition(data), out, out / "out")
+    try:
+        verifier = make_verifier(task)
+        adversaries, liars = cast(Insight(verifier, task), max(1, providers // 500), kinds)
+        names = [f"p{i}" for i in range(providers - len(adversaries))] + list(adversaries)
+        random.Random(seed).shuffle(names)
+        backend = SimBackend({n: adversaries.get(n) for n in names}, seed=seed, demand=task.has_pending_subtasks)
+        backend.start(task.resources_dir, out / "scratch")
+        status = drive(task, backend, timeout=86_400, verifier=verifier)
+        if status != "finished":
+            raise RuntimeError(f"the simulated search stopped: {status}")
+        return measure(task, backend, liars)
+    finally:
+        task.store.close()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def kind_of(name: str) -> str:
+    """An adversary's kind from its provider name (``replayer3`` and ``colluder2_b`` are a replayer and a colluder)."""
+    return name.split("_")[0].rstrip("0123456789") if name.startswith("colluder") else name.rstrip("0123456789")
+
+
+def report(figures: list[Any], seconds: float) -> list[str]:
+    """The lines of one (policy, size): adversaries caught by kind, then the figures."""
+    by_kind: dict[str, list[int]] = {}  # kind -> [faked trials, instances faking >= 10, of them banned]
+    for fig in figures:
+        for name, faked in fig.faked.items():
+            row = by_kind.setdefault(kind_of(name), [0, 0, 0])
+            row[0] += faked
+            row[1] += name in fig.eligible
+            row[2] += name in fig.eligible and name in fig.banned
+    eligible = sum(row[1] for row in by_kind.values())
+    caught = sum(row[2] for row in by_kind.values())
+    missed = [f"{k} {row[2]}/{row[1]}" for k, row in sorted(by_kind.items()) if row[2] < row[1]]
+    runs = len(figures)
+    busy = sum(f.provider_busy for f in figures) / runs
+    cores = sum(f.requestor_cores for f in figures) / runs
+    overhead = sum(f.overhead for f in figures) / runs
+    changed = sum(f.outcome_changed for f in figures) / runs
+    return [
+        f"  {runs} run(s) in {seconds:.0f} s; missed (caught/faked 10+): {', '.join(missed) or 'none'}; runs with "
+        f"faked results left: {sum(f.faked_left > 0 for f in figures)}; trials lost to retries: "
+        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h",
+        f"scale: providers={figures[0].providers} trials={figures[0].trials} provider_busy={busy:.2f} "
+        f"requestor_cores={cores:.2g} overhead={100 * overhead:.1f}% "
+        f"caught={100 * caught / eligible if eligible else 100:.0f}% faked_left={sum(f.faked_left for f in figures)} "
+        f"outcome_changed={100 * changed:.1f}% false_bans={sum(f.false_bans for f in figures)}",
+    ]
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temporary dir for the runs' state, in memory where there is a tmpfs.
+
+    A simulation's state need not survive a power cut, and on a tmpfs SQLite's fsync per
+    transaction (the store's durability, kept as it is) costs nothing; on disk it was a
+    third to a half of the harness's time.
+    """
+    memory = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="mltask-scale-", dir=memory if memory.is_dir() else None) as tmp:
+        yield Path(tmp)
+
+
+def run_policy(sizes: list[tuple[int, int, int]], shape: Shape) -> None:
+    """Every size with the code importable here; prints as it goes."""
+    with scratch_dir() as tmp:
+        for providers, trials, runs in sizes:
+            started = time.perf_counter()
+            figures = [simulate(providers, trials, seed, tmp, shape) for seed in range(runs)]
+            for line in report(figures, time.perf_counter() - started):
+                print(line, flush=True)
+
+
+def today_tree(directory: Path) -> Path:
+    """mltask as it was at ``TODAY``, plus the simulation module it did not have, in ``directory``."""
+    archive = directory / "today.tar"
+    with archive.open("wb") as fh:
+        done = subprocess.run(["git", "-C", str(ROOT), "archive", TODAY, "mltask"], stdout=fh,
+                              stderr=subprocess.PIPE, text=False)
+    if done.returncode != 0:
+        sys.exit(f"cannot extract mltask at {TODAY} from git ({done.stderr.decode().strip()}); "
+                 "run from a clone with its history, or pass --policy tree")
+    with tarfile.open(archive) as tar:
+        tar.extractall(directory, filter="data")
+    shutil.copy(ROOT / "mltask" / "simulation.py", directory / "mltask" / "simulation.py")
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--providers", type=int, nargs="+", default=sorted(SIZES), help="sizes to simulate")
+    parser.add_argument("--runs", type=int, help="runs per size (default: see SIZES)")
+    parser.add_argument("--trials", type=int, help="trials per run (default: see SIZES)")
+    parser.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--trials-per-subtask", type=int, default=Shape.trials_per_subtask)
+    parser.add_argument("--folds", type=int, default=Shape.folds, help="CV folds; 1 means holdout")
+    parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # run with the importable mltask
+    args = parser.parse_args()
+    sizes = []
+    for providers in args.providers:
+        trials, runs = SIZES.get(providers, (40 * providers, 1))
+        sizes.append((providers, args.trials or trials, args.runs or runs))
+    shape = Shape(args.trials_per_subtask, args.folds)
+    if args.here:
+        run_policy(sizes, shape)
+        return
+    forwarded = [a for a in sys.argv[1:] if a not in args.policy and a != "--policy"]
+    for policy in args.policy:
+        print(f"{'today' if policy == 'today' else 'this tree'}'s policy"
+              f"{f' (mltask at {TODAY})' if policy == 'today' else ''}:", flush=True)
+        with tempfile.TemporaryDirectory(prefix="mltask-today-") as tmp:
+            path = [str(today_tree(Path(tmp)))] if policy == "today" else []
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
+            done = subprocess.run([sys.executable, __file__, "--here", *forwarded], env=env)
+        if done.returncode != 0:
+            sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()

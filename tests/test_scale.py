@@ -1,0 +1,146 @@
+"""The scale simulation, small: a simulated network in virtual time drives the real task, scheduler and verifier."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.scale import report, scratch_dir, simulate
+from mltask.definition import parse_definition
+from mltask.protocol import TrialSpec
+from mltask.provider import evaluator_for
+from mltask.simulation import METER, Network, SimBackend, faked_trials, fold_seconds, synthetic_task, trial_seconds
+from mltask.task import HyperparameterSearchTask
+
+BLATANT = ("random_scores", "inflate", "claim_failed", "malformed")
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    with scratch_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def runs(scratch: Path) -> list:
+    return [simulate(20, 400, seed, scratch, kinds=BLATANT) for seed in range(3)]
+
+
+def test_figures_are_measured(runs: list) -> None:
+    for fig in runs:
+        assert fig.providers == 20 and fig.trials == 400
+        assert 0 < fig.provider_busy <= 1
+        assert 0 < fig.requestor_cores <= 1  # today's re-runs are serial, on the requestor
+        assert 0 < fig.overhead < 1
+        assert fig.makespan > 1800  # virtual: half an hour of provider work in a second of real time
+        # The store's account of the requestor's re-runs is what the backend metered.
+        assert fig.requestor_cores * fig.makespan == pytest.approx(fig.requestor_metered, rel=1e-9)
+    line = report(runs, 1.0)[-1]
+    assert line.startswith("scale: providers=20 trials=400 provider_busy=")
+    assert [field.split("=")[0] for field in line.split()[1:]] == [
+        "providers", "trials", "provider_busy", "requestor_cores", "overhead", "caught", "faked_left",
+        "outcome_changed", "false_bans"]
+
+
+def test_blatant_fakers_are_caught_and_honest_providers_are_not(runs: list) -> None:
+    for fig in runs:
+        assert set(fig.faked) == set(BLATANT)
+        assert fig.banned == {name for name, faked in fig.faked.items() if faked}, fig.faked
+        assert fig.false_bans == 0
+        assert fig.faked_left == 0
+        assert not fig.outcome_changed
+
+
+def test_a_run_is_reproducible(runs: list, scratch: Path) -> None:
+    again = simulate(20, 400, 0, scratch, kinds=BLATANT)
+    assert again == runs[0]
+
+
+def test_a_replayer_outlasts_a_verifier_it_can_replay(scratch: Path) -> None:
+    """Today's verifier draws from random.Random(task seed): a provider replaying it is never caught."""
+    fig = simulate(6, 600, 0, scratch, kinds=("replayer",))
+    assert fig.faked["replayer"] >= 40
+    assert fig.banned == set() and fig.faked_left > 0
+
+
+def _backend(tmp_path: Path, network: Network, providers: int = 1) -> tuple[HyperparameterSearchTask, SimBackend]:
+    data = synthetic_task(tmp_path / "task", n_trials=4, trials_per_subtask=2, folds=3, seed=0)
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    backend = SimBackend({f"p{i}": None for i in range(providers)}, network, seed=1)
+    backend.start(task.resources_dir, tmp_path / "scratch")
+    return task, backend
+
+
+def test_subtasks_take_their_cost_in_virtual_time(tmp_path: Path) -> None:
+    task, backend = _backend(tmp_path, Network(fault_rate=0.0, speed_sigma=0.0, session_seconds=1e12))
+    subtask = task.next_subtask("p0")
+    backend.submit("p0", subtask, timeout=1e9)
+    assert backend.idle_providers() == []
+    [done] = backend.wait(0.25)
+    assert done.error is None and (done.output_dir / "result.json").is_file()
+    assert backend.now == pytest.approx(sum(trial_seconds(t.params, 3) for t in subtask.trials))
+    assert backend.idle_providers() == ["p0"]
+    task.store.close()
+
+
+def test_requestor_compute_stalls_the_clock(tmp_path: Path) -> None:
+    task, backend = _backend(tmp_path, Network(fault_rate=0.0, session_seconds=1e12))
+    evaluator = evaluator_for(task.problem, task.resources_dir)
+    params = {"x": 0.5, "y": 0.5, "lr": 0.01, "depth": 3}
+    evaluator.evaluate(TrialSpec(number=0, params=params, seed=1), [0])
+    assert backend.idle_providers() == ["p0"]
+    assert backend.now == pytest.approx(fold_seconds(params)) == pytest.approx(backend.ledger.requestor)
+    task.store.close()
+
+
+def test_faults_and_leavers_end_subtasks_without_a_result(tmp_path: Path) -> None:
+    task, backend = _backend(tmp_path, Network(fault_rate=1.0, session_seconds=1e12))
+    errors = []
+    subtask = task.next_subtask("p0")
+    for _ in range(20):
+        backend.submit("p0", subtask, timeout=5.0)
+        [done] = backend.wait(0.25)
+        errors.append(done.error or ("no result" if not (done.output_dir / "result.json").exists() else "ok"))
+    assert set(errors) == {"timed out", "no result"}
+    task.store.close()
+    task, backend = _backend(tmp_path / "churn", Network(fault_rate=0.0, session_seconds=1.0, rejoin_seconds=1.0))
+    subtask = task.next_subtask("p0")
+    backend.submit("p0", subtask, timeout=1e9)
+    [left] = backend.wait(0.25)
+    assert left.provider == "p0" and left.error == "the provider left the network"
+    assert backend.expecting_providers()
+    assert backend.wait(0.25) == [] and backend.idle_providers() == ["joined1"]
+    task.store.close()
+
+
+def test_faked_trials_counts_what_an_answer_gets_wrong() -> None:
+    honest = {"task_id": "t", "subtask_id": "s1", "trials": [{"number": 0, "x": 1}, {"number": 1, "x": 2}]}
+    changed = json.loads(json.dumps(honest))
+    changed["trials"][1]["x"] = 3
+    assert faked_trials(honest, honest) == 0
+    assert faked_trials(honest, changed) == 1
+    assert faked_trials(honest, b"{") == 2
+    assert faked_trials(honest, dict(honest, subtask_id="s2")) == 2
+    assert faked_trials(honest, None) == 0
+
+
+def test_the_objective_is_deterministic_and_metered(tmp_path: Path) -> None:
+    data = synthetic_task(tmp_path / "task", n_trials=4, trials_per_subtask=2, folds=5, seed=0)
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    evaluator = evaluator_for(task.problem, task.resources_dir)
+    rng = random.Random(0)
+    for _ in range(20):
+        params = {"x": rng.random(), "y": rng.random(), "lr": 10 ** rng.uniform(-4, 0), "depth": rng.randint(1, 12)}
+        spec = TrialSpec(number=0, params=params, seed=rng.getrandbits(32))
+        before = METER.ns
+        first = evaluator.evaluate(spec)
+        assert (METER.ns - before) / 1e9 == pytest.approx(trial_seconds(params, 5))
+        again, fold = evaluator.evaluate(spec), evaluator.evaluate(spec, [2])
+        assert (again.status, again.fold_scores, again.fold_fingerprints) == (
+            first.status, first.fold_scores, first.fold_fingerprints)
+        assert (fold.fold_scores, fold.fold_fingerprints) == (first.fold_scores[2:3], first.fold_fingerprints[2:3])
+    task.store.close()
