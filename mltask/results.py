@@ -183,6 +183,12 @@ def _row(trial: Any) -> dict[str, Any]:
     row["std_test_score"] = result.get("std_score")
     for i, score in enumerate(result.get("fold_scores", [])):
         row[f"split{i}_test_score"] = score
+    # With several metrics (and training scores), each gets its columns, named as in cv_results_.
+    for prefix, lists in (("test", result.get("metric_scores") or {}), ("train", result.get("train_scores") or {})):
+        for name, scores in lists.items():
+            row[f"mean_{prefix}_{name}"] = float(np.mean(scores))
+            row[f"std_{prefix}_{name}"] = float(np.std(scores))
+            row.update({f"split{i}_{prefix}_{name}": score for i, score in enumerate(scores)})
     for kind in ("fit", "score"):
         times = result.get(f"{kind}_times") or []
         row[f"mean_{kind}_time"] = float(np.mean(times)) if times else None
