@@ -19,6 +19,7 @@ import json
 import math
 import os
 import stat
+from importlib import metadata
 from pathlib import Path
 from statistics import mean, pstdev
 from typing import Annotated, Literal
@@ -149,13 +150,32 @@ class Environment(_Wire):
     numpy: Annotated[str, Field(max_length=50)]
     scipy: Annotated[str, Field(max_length=50)]
     sklearn: Annotated[str, Field(max_length=50)]
+    packages: dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=50)]] = Field(
+        default={}, max_length=20, description="Other distributions the problem scores with (lightgbm, pandas...)."
+    )
 
     def mismatch(self, other: Environment) -> str | None:
-        """How ``other`` differs in what decides scores (Python's patch level does not)."""
-        ours, theirs = self.model_dump(), other.model_dump()
+        """How ``other`` differs in what decides scores (Python's patch level does not).
+
+        ``other.packages`` (what the problem imports beyond scikit-learn) are compared with
+        the versions installed here, whatever this process has imported so far.
+        """
+        ours, theirs = self.model_dump(exclude={"packages"}), other.model_dump(exclude={"packages"})
         ours["python"], theirs["python"] = ours["python"].rsplit(".", 1)[0], theirs["python"].rsplit(".", 1)[0]
         diffs = [f"{key} {theirs[key]} (requestor {ours[key]})" for key in ours if ours[key] != theirs[key]]
+        for name, version in sorted(other.packages.items()):
+            mine = installed_version(name)
+            if mine != version:
+                diffs.append(f"{name} {version} (requestor {mine or 'none'})")
         return ", ".join(diffs) or None
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or ``None``."""
+    try:
+        return metadata.version(distribution)
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 class SubtaskResult(_Wire):

@@ -31,6 +31,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from mltask import GolemSearchCV
 from mltask.errors import TaskError
+from mltask.store import Store
 from tests.support import run_cli
 
 
@@ -145,6 +146,11 @@ def test_dataframe_with_categorical_and_text_columns_through_a_column_transforme
     assert list(ours.best_estimator_[0].feature_names_in_) == list(X.columns)
     np.testing.assert_array_equal(ours.predict_proba(X), GridSearchCV(_frame_pipeline(), grid, cv=cv).fit(
         X, y).predict_proba(X))
+    # pandas decides these scores too: each result names its version, which the verifier compares
+    store = Store.open(ours.output_dir_ / "state.db")
+    environments = [json.loads(s["environment"]) for s in store.subtasks() if s["environment"]]
+    store.close()
+    assert environments and all(e["packages"] == {"pandas": pd.__version__} for e in environments)
 
 
 def test_the_cli_shows_and_resumes_the_output_dir(tmp_path: Path, capsys: Any) -> None:

@@ -197,6 +197,15 @@ def test_a_faked_metric_that_is_not_optimised_is_caught(kind: str, tmp_path: Pat
     assert all(r.provider == "honest" for r in task.store.trials())
 
 
+def test_a_provider_on_another_version_of_a_package_the_problem_uses_is_not_compared() -> None:
+    from mltask.provider import environment
+
+    ours = environment()
+    assert ours.mismatch(ours.model_copy(update={"packages": {"pandas": pd.__version__}})) is None
+    said = ours.mismatch(ours.model_copy(update={"packages": {"pandas": "0.0.1", "nosuchpackage": "1.0"}}))
+    assert said == f"nosuchpackage 1.0 (requestor none), pandas 0.0.1 (requestor {pd.__version__})"
+
+
 def test_a_multi_metric_definition_parses_as_cli_users_write_it() -> None:
     definition = parse_definition(task_dict(scoring=["accuracy", "f1_macro"], refit_metric="f1_macro"))
     assert definition.options.metrics == {"accuracy": "accuracy", "f1_macro": "f1_macro"}
