@@ -12,20 +12,23 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",
-        "scikit-learn>=1.3",
+        "scikit-learn>=1.6",  # multimetric check_scoring, GroupKFold(shuffle=...)
         "optuna>=4.0",
         "pydantic>=2.5",
         "rich>=13",
         "matplotlib>=3.7",
         "joblib>=1.3",
         "threadpoolctl>=3.1",
+        "pandas>=2.0",  # DataFrames for GolemSearchCV and trials_dataframe(); providers rebuild tables with it
     ],
     extras_require={
         "cmaes": ["cmaes>=0.10"],
         "docker": ["docker>=7"],
         # golem-node ships the real yagna binary; golem-core pins an old certifi (its REST client's).
         "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
-        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7",
+                # a notebook run by a real kernel; an export opened by optuna-dashboard's own app
+                "nbclient>=0.10", "ipykernel>=6", "optuna-dashboard>=0.15"],
     },
     entry_points={
         "console_scripts": [

@@ -6,6 +6,7 @@
     mltask tasks resume DIR [--task TASK.json]
     mltask tasks abort DIR
     mltask tasks show DIR
+    mltask tasks export DIR --optuna FILE
     mltask tasks template
     mltask tasks schema
     mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...]
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(resume)
     abort = tasks.add_parser("abort", help="stop a running task; it can be resumed later")
     abort.add_argument("dir", type=Path)
+    export = tasks.add_parser("export", help="write a task's trials for other tools (an Optuna study)")
+    export.add_argument("dir", type=Path)
+    export.add_argument("--optuna", type=Path, required=True, metavar="FILE",
+                        help="Optuna study file: a journal, or SQLite for .db/.sqlite/.sqlite3 (optuna-dashboard FILE)")
     show = tasks.add_parser("show", help="print the leaderboard of a task's output dir")
     show.add_argument("dir", type=Path)
     tasks.add_parser("template", help="print a minimal valid task JSON")
@@ -112,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].defaults(), indent=2))
         elif args.action == "schema":
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].schema(), indent=2))
+        elif args.action == "export":
+            from mltask.optuna_export import describe_export, export_study
+
+            study = export_study(args.dir, args.optuna)
+            out.print(describe_export(study, args.optuna), highlight=False, soft_wrap=True, markup=False)
         elif args.action == "show":
             from mltask.console import failure_lines, leaderboard
             from mltask.runner import show

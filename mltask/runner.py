@@ -46,6 +46,12 @@ class RunResult:
     def best(self) -> dict[str, Any] | None:
         return self.summary.best
 
+    def trials_dataframe(self) -> Any:
+        """The trials as Optuna's ``Study.trials_dataframe()`` gives them (a pandas DataFrame)."""
+        from mltask.optuna_export import trials_dataframe
+
+        return trials_dataframe(self.output_dir)
+
 
 def run_task(
     task: str | Path | dict[str, Any] | TaskDefinition,

@@ -314,5 +314,15 @@ class GolemSearchCV(BaseSearchCV):
             self.feature_names_in_ = self.best_estimator_.feature_names_in_
 
 
+    def trials_dataframe(self) -> Any:
+        """The search's trials as Optuna's ``Study.trials_dataframe()`` gives them (a pandas DataFrame)."""
+        from sklearn.utils.validation import check_is_fitted
+
+        from mltask.optuna_export import trials_dataframe
+
+        check_is_fitted(self, "output_dir_")
+        return trials_dataframe(self.output_dir_)
+
+
 def _key(params: Any) -> str:
     return json.dumps(params, sort_keys=True)

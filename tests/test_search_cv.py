@@ -71,6 +71,9 @@ def test_grid_search_equals_gridsearchcv(tmp_path: Path) -> None:
     assert_same_search(ours, GridSearchCV(estimator, grid, cv=cv).fit(X, y), X, y)
     assert ours.verification_["verified_full"] >= 1 and ours.verification_["rejected_subtasks"] == 0
     assert ours.refit_time_ >= 0 and (ours.output_dir_ / "state.db").is_file()
+    frame = ours.trials_dataframe()  # Optuna's view of the same trials
+    assert len(frame) == len(ours.cv_results_["params"]) and (frame["state"] == "COMPLETE").all()
+    assert sorted(frame["value_accuracy"]) == sorted(ours.cv_results_["mean_test_score"])
 
 
 def test_random_search_equals_scikit_learn_on_the_same_configurations(tmp_path: Path) -> None:
