@@ -24,11 +24,16 @@ setup(
     extras_require={
         "cmaes": ["cmaes>=0.10"],
         "docker": ["docker>=7"],
+        # estimators beyond scikit-learn; `mltask image build --with lightgbm` puts the same version in the image
+        "lightgbm": ["lightgbm>=4.0"],
+        "xgboost": ["xgboost-cpu>=2.1"],
         # golem-node ships the real yagna binary; golem-core pins an old certifi (its REST client's).
         "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
         "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7",
                 # a notebook run by a real kernel; an export opened by optuna-dashboard's own app
-                "nbclient>=0.10", "ipykernel>=6", "optuna-dashboard>=0.15"],
+                "nbclient>=0.10", "ipykernel>=6", "optuna-dashboard>=0.15",
+                # GolemSearchCV's tests tune both
+                "lightgbm>=4.0", "xgboost-cpu>=2.1"],
     },
     entry_points={
         "console_scripts": [

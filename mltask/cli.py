@@ -9,7 +9,7 @@
     mltask tasks export DIR --optuna FILE
     mltask tasks template
     mltask tasks schema
-    mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...]
+    mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...] [--with PACKAGE ...]
     mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
 
 Every user mistake ends as one line on stderr naming the field and the fix, exit code 2; so
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=None, help="image tag (default: mltask-provider:VERSION)")
     build.add_argument("--allow-modules", action="append", default=[], metavar="PREFIX",
                        help="also let its providers import estimators from PREFIX (e.g. xgboost.); sklearn. always")
+    build.add_argument("--with", dest="extras", action="append", default=[], metavar="PACKAGE",
+                       help="also install PACKAGE (e.g. lightgbm, xgboost-cpu) at the version installed here, and "
+                       "allow its modules; repeatable")
     gvmi = image.add_parser("gvmi", help="convert the provider image to a GVMI for Golem providers (gvmkit-build)")
     gvmi.add_argument("--tag", default=None, help="Docker image to convert (default: mltask-provider:VERSION)")
     gvmi.add_argument("--output", type=Path, default=Path("mltask-provider.gvmi"), help="GVMI file to write")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             from mltask.image import DEFAULT_TAG, build_image
 
             built = build_image(args.base, args.tag or DEFAULT_TAG, log=lambda line: out.print(line, highlight=False),
-                                allow_modules=tuple(args.allow_modules))
+                                allow_modules=tuple(args.allow_modules), extras=tuple(args.extras))
             print(f"{built.tag} {built.id} {built.size / 1e6:.0f} MB")
         elif args.command == "image":
             from mltask.image import DEFAULT_TAG, build_gvmi

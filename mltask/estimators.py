@@ -144,22 +144,21 @@ def _decode(value: JsonValue, name: str, field: str, allowed: list[str]) -> Any:
 
 
 def _numpy_type(name: Any, field: str) -> type:
-    try:
-        dtype = np.dtype(name) if isinstance(name, str) else None
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.kind not in "biufc":
-        raise TaskError(field, f"{name!r} is not a numpy number type; use e.g. float64, float32, int64")
-    return dtype.type
+    return _dtype(name, "biufc", field, "is not a numpy number type; use e.g. float64, float32, int64").type
 
 
 def _array_dtype(name: Any, field: str) -> np.dtype:
+    return _dtype(name, "biufcUO", field, "is not a supported array dtype; use numbers, booleans, str or object")
+
+
+def _dtype(name: Any, kinds: str, field: str, refusal: str) -> np.dtype:
+    """The numpy dtype ``name`` spells, if of one of ``kinds``: a name from JSON never builds anything else."""
     try:
         dtype = np.dtype(name) if isinstance(name, str) else None
     except TypeError:
         dtype = None
-    if dtype is None or dtype.kind not in "biufcUO":
-        raise TaskError(field, f"array dtype {name!r} is not supported; use numbers, booleans, str or object")
+    if dtype is None or dtype.kind not in kinds:
+        raise TaskError(field, f"{name!r} {refusal}")
     return dtype
 
 

@@ -140,7 +140,7 @@ class GolemSearchCV(BaseSearchCV):
         if self.algorithm != "grid":
             options["n_trials"] = int(self.n_iter)
         if self.verification is False:
-            options["verification"] = {"sample_rate": 0.0, "verify_best": False}
+            options["verification"] = {"budget": 0.0, "verify_best": False}
         elif self.verification not in (None, True):
             options["verification"] = dict(self.verification)  # type: ignore[arg-type]
         task: dict[str, Any] = {

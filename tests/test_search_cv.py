@@ -230,3 +230,63 @@ def test_randomized_search_arguments_translate() -> None:
     assert options["n_trials"] == 5 and options["algorithm"] == "tpe"
     assert set(search.get_params(deep=False)) >= set(RandomizedSearchCV(DecisionTreeClassifier(), {}).get_params(
         deep=False)) - {"n_jobs", "pre_dispatch"}
+
+
+def _lightgbm_frame_search(**kwargs: Any) -> tuple[GolemSearchCV, Any, Any, Any]:
+    from lightgbm import LGBMClassifier
+
+    X, y = _frame()
+    X = X.assign(plan=X["plan"].astype("category"))  # LightGBM reads categorical columns natively
+    model = LGBMClassifier(n_estimators=40, n_jobs=1, deterministic=True, force_row_wise=True, verbose=-1,
+                           random_state=0)
+    grid = {"num_leaves": [4, 15], "learning_rate": [0.05, 0.2], "subsample": [0.7], "subsample_freq": [1]}
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    ours = GolemSearchCV(model, grid, algorithm="grid", cv=cv, scoring=["roc_auc", "accuracy"], refit="roc_auc",
+                         **kwargs).fit(X, y)
+    theirs = GridSearchCV(model, grid, cv=cv, scoring=["roc_auc", "accuracy"], refit="roc_auc").fit(X, y)
+    return ours, theirs, X, y
+
+
+def test_lightgbm_on_a_dataframe_equals_scikit_learn(tmp_path: Path) -> None:
+    ours, theirs, X, y = _lightgbm_frame_search(output=tmp_path / "out", workers=2)
+    assert_same_search(ours, theirs, X, y)
+    assert json.loads((ours.output_dir_ / "results.json").read_text())["estimator"].startswith("LGBMClassifier(")
+
+
+@pytest.mark.docker
+def test_lightgbm_in_provider_containers_equals_the_requestors_reruns(provider_image: str, tmp_path: Path) -> None:
+    """Provider containers score LightGBM on a DataFrame bit for bit as the requestor re-runs it."""
+    from mltask.image import docker_client
+
+    probe = "import lightgbm, pandas"
+    try:
+        docker_client().containers.run(provider_image, ["python", "-c", probe], remove=True, network_mode="none")
+    except Exception as exc:  # the image cannot serve this test: say how to build one that can
+        pytest.fail(f"{provider_image} cannot `{probe}` ({str(exc)[:200]}); build it with "
+                    "`mltask image build --with lightgbm` (.ci/docker.sh does)")
+    ours, theirs, X, y = _lightgbm_frame_search(output=tmp_path / "out", workers=2, backend="docker",
+                                                image=provider_image, verification={"budget": 1.0})
+    assert_same_search(ours, theirs, X, y)  # cv_results_ are the containers' scores
+    checks = ours.verification_
+    assert checks["banned_providers"] == {} and checks["rejected_subtasks"] == 0
+    assert checks["verified_full"] >= 1 and checks["verified_full"] + checks["verified_cross"] + checks[
+        "verified_spot"] >= 2  # re-runs agreed with what the containers reported
+    store = Store.open(ours.output_dir_ / "state.db")
+    environments = [json.loads(s["environment"]) for s in store.subtasks() if s["environment"]]
+    store.close()
+    import lightgbm
+
+    assert environments and all(e["packages"] == {"lightgbm": lightgbm.__version__, "pandas": pd.__version__}
+                                for e in environments)
+
+
+def test_xgboost_equals_scikit_learn(tmp_path: Path) -> None:
+    from xgboost import XGBClassifier
+
+    X, y = _data(load_breast_cancer)
+    model = XGBClassifier(n_estimators=20, n_jobs=1, tree_method="hist", random_state=0)
+    grid = {"max_depth": [2, 4], "learning_rate": [0.1, 0.3], "subsample": [0.8]}
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    ours = GolemSearchCV(model, grid, algorithm="grid", cv=cv, output=tmp_path / "out", workers=2).fit(X, y)
+    assert ours.task_definition(y)["options"]["allowed_modules"] == ["xgboost."]
+    assert_same_search(ours, GridSearchCV(model, grid, cv=cv).fit(X, y), X, y)
