@@ -48,6 +48,8 @@ def _key(params: dict) -> str:
 
 
 def _means(search: Any) -> dict[str, float]:
+    if hasattr(search, "study_"):  # OptunaSearchCV keeps its results on the study's trials
+        return {_key(t.params): float(t.user_attrs["mean_test_score"]) for t in search.study_.trials}
     res = search.cv_results_
     return {_key(p): float(s) for p, s in zip(res["params"], res["mean_test_score"], strict=True)}
 
@@ -139,6 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     cv = StratifiedKFold(5, shuffle=True, random_state=SEED)
 
     def golem(estimator: Any, space: dict, algorithm: str, n_iter: int, verification: Any) -> Any:

@@ -159,7 +159,8 @@ def test_dataframe_with_categorical_and_text_columns_through_a_column_transforme
 def test_the_cli_shows_and_resumes_the_output_dir(tmp_path: Path, capsys: Any) -> None:
     X, y = _data(load_iris)
     ours = GolemSearchCV(DecisionTreeClassifier(), {"max_depth": [1, 2, 3]}, algorithm="grid", cv=3,
-                         output=tmp_path / "out", workers=1, random_state=0).fit(X, y)
+                         output=tmp_path / "out", workers=1, random_state=0, verification=False).fit(X, y)
+    assert ours.verification_["budget"] == 0.0 and ours.verification_["best_check"] is False
     code, out, _ = run_cli(["tasks", "show", str(ours.output_dir_)], capsys)
     assert code == 0 and "3 complete" in out
     code, _, err = run_cli(["tasks", "resume", str(ours.output_dir_), "--quiet", "--workers", "1"], capsys)

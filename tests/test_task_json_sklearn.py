@@ -206,6 +206,18 @@ def test_a_provider_on_another_version_of_a_package_the_problem_uses_is_not_comp
     assert said == f"nosuchpackage 1.0 (requestor none), pandas 0.0.1 (requestor {pd.__version__})"
 
 
+def test_image_extras_are_allowed_by_their_modules_and_pinned_to_the_requestors_versions() -> None:
+    import lightgbm
+
+    from mltask.image import PROVIDER_PACKAGES, extra_modules, pinned_requirements
+
+    assert extra_modules(("xgboost-cpu", "lightgbm")) == ["xgboost.", "lightgbm."]
+    pins = pinned_requirements((*PROVIDER_PACKAGES, "lightgbm"))
+    assert f"lightgbm=={lightgbm.__version__}" in pins and f"pandas=={pd.__version__}" in pins
+    with pytest.raises(TaskError, match="not installed here"):
+        extra_modules(("no-such-distribution",))
+
+
 def test_a_multi_metric_definition_parses_as_cli_users_write_it() -> None:
     definition = parse_definition(task_dict(scoring=["accuracy", "f1_macro"], refit_metric="f1_macro"))
     assert definition.options.metrics == {"accuracy": "accuracy", "f1_macro": "f1_macro"}
