@@ -58,7 +58,10 @@ class GolemSearchCV(BaseSearchCV):
     backend : {"local", "docker", "golem"}
         Where trials run.
     workers : int or None
-        Providers at once (default: the CPU count locally).
+        Providers at once (default: ``n_jobs``, else the CPU count locally).
+    n_jobs : int or None
+        scikit-learn's name for ``workers``, so a search written for ``RandomizedSearchCV``
+        runs unchanged (``-1``: every CPU).
     output : str, Path or None
         The task's output dir; a previous task there is replaced. Default: a new dir under
         ``mltask-results/``.
@@ -89,6 +92,7 @@ class GolemSearchCV(BaseSearchCV):
         random_state: int | None = None,
         backend: str = "local",
         workers: int | None = None,
+        n_jobs: int | None = None,
         output: str | Path | None = None,
         verification: dict[str, Any] | bool | None = None,
         allowed_modules: list[str] | None = None,
@@ -108,6 +112,7 @@ class GolemSearchCV(BaseSearchCV):
         self.random_state = random_state
         self.backend = backend
         self.workers = workers
+        self.n_jobs = n_jobs
         self.output = output
         self.verification = verification
         self.allowed_modules = allowed_modules
@@ -158,6 +163,13 @@ class GolemSearchCV(BaseSearchCV):
             raise TaskError("random_state", "must be an int or None (a RandomState cannot be sent to providers)")
         return int(self.random_state)
 
+    def _workers(self) -> int | None:
+        if self.workers is not None or self.n_jobs is None:
+            return self.workers
+        from joblib import effective_n_jobs
+
+        return effective_n_jobs(self.n_jobs)
+
     def _output_dir(self) -> Path:
         if self.output is not None:
             return Path(self.output)
@@ -187,7 +199,7 @@ class GolemSearchCV(BaseSearchCV):
             data = Path(tmp) / DATA_FILE
             write_dataset(data, X, y, groups)
             task["resources"] = [str(data)]
-            result = run_task(task, backend=self.backend, workers=self.workers, image=self.image, output=output_dir,
+            result = run_task(task, backend=self.backend, workers=self._workers(), image=self.image, output=output_dir,
                               force=self.output is not None, resources_root=tmp, quiet=not self.verbose)
         if result.summary.status != "finished":
             warnings.warn(f"the search ended {result.summary.status} before its last trial; results are partial - "

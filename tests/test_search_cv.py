@@ -57,6 +57,14 @@ def assert_same_search(ours: GolemSearchCV, theirs: Any, X: Any, y: Any) -> None
         assert ours.score(X, y) == theirs.score(X, y)
 
 
+def _subtasks(search: GolemSearchCV) -> list[dict[str, Any]]:
+    store = Store.open(search.output_dir_ / "state.db")
+    try:
+        return store.subtasks()
+    finally:
+        store.close()
+
+
 def _data(loader: Any) -> tuple[np.ndarray, np.ndarray]:
     return loader(return_X_y=True)
 
@@ -66,9 +74,10 @@ def test_grid_search_equals_gridsearchcv(tmp_path: Path) -> None:
     grid = {"max_depth": [1, 2, 3, None], "criterion": ["gini", "entropy"], "min_samples_leaf": [1, 5]}
     estimator = DecisionTreeClassifier(random_state=0)
     cv = StratifiedKFold(4, shuffle=True, random_state=3)
-    ours = GolemSearchCV(estimator, grid, algorithm="grid", cv=cv, workers=2, random_state=0,
-                         output=tmp_path / "out").fit(X, y)
+    ours = GolemSearchCV(estimator, grid, algorithm="grid", cv=cv, n_jobs=2, random_state=0,
+                         output=tmp_path / "out").fit(X, y)  # n_jobs, as for GridSearchCV, means workers
     assert_same_search(ours, GridSearchCV(estimator, grid, cv=cv).fit(X, y), X, y)
+    assert {s["provider"] for s in _subtasks(ours)} == {"local-0", "local-1"}
     assert ours.verification_["verified_full"] >= 1 and ours.verification_["rejected_subtasks"] == 0
     assert ours.refit_time_ >= 0 and (ours.output_dir_ / "state.db").is_file()
     frame = ours.trials_dataframe()  # Optuna's view of the same trials
@@ -150,9 +159,7 @@ def test_dataframe_with_categorical_and_text_columns_through_a_column_transforme
     np.testing.assert_array_equal(ours.predict_proba(X), GridSearchCV(_frame_pipeline(), grid, cv=cv).fit(
         X, y).predict_proba(X))
     # pandas decides these scores too: each result names its version, which the verifier compares
-    store = Store.open(ours.output_dir_ / "state.db")
-    environments = [json.loads(s["environment"]) for s in store.subtasks() if s["environment"]]
-    store.close()
+    environments = [json.loads(s["environment"]) for s in _subtasks(ours) if s["environment"]]
     assert environments and all(e["packages"] == {"pandas": pd.__version__} for e in environments)
 
 
@@ -230,7 +237,7 @@ def test_randomized_search_arguments_translate() -> None:
     assert options["cv"] == {"seed": 0, "kind": "stratified", "folds": 3, "shuffle": False}
     assert options["n_trials"] == 5 and options["algorithm"] == "tpe"
     assert set(search.get_params(deep=False)) >= set(RandomizedSearchCV(DecisionTreeClassifier(), {}).get_params(
-        deep=False)) - {"n_jobs", "pre_dispatch"}
+        deep=False)) - {"pre_dispatch"}
 
 
 def _lightgbm_frame_search(**kwargs: Any) -> tuple[GolemSearchCV, Any, Any, Any]:
@@ -272,9 +279,7 @@ def test_lightgbm_in_provider_containers_equals_the_requestors_reruns(provider_i
     assert checks["banned_providers"] == {} and checks["rejected_subtasks"] == 0
     assert checks["verified_full"] >= 1 and checks["verified_full"] + checks["verified_cross"] + checks[
         "verified_spot"] >= 2  # re-runs agreed with what the containers reported
-    store = Store.open(ours.output_dir_ / "state.db")
-    environments = [json.loads(s["environment"]) for s in store.subtasks() if s["environment"]]
-    store.close()
+    environments = [json.loads(s["environment"]) for s in _subtasks(ours) if s["environment"]]
     import lightgbm
 
     assert environments and all(e["packages"] == {"lightgbm": lightgbm.__version__, "pandas": pd.__version__}
