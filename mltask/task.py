@@ -67,6 +67,16 @@ class _Pending:
     subtask: SubtaskDefinition
     provider: str
     attempt: int
+    avoid: frozenset[str] = frozenset()  # providers that failed these trials before
+
+
+@dataclass
+class _Suspect:
+    """A provider's fault, counted only once every trial it failed has succeeded elsewhere."""
+
+    provider: str
+    reason: str
+    numbers: set[int]
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,7 @@ class HyperparameterSearchTask:
         self._dropped: dict[str, str] = {}
         self._last_exclusion = ""
         self._faults: dict[str, int] = {}  # consecutive failures per provider
+        self._suspects: dict[str, _Suspect] = {}  # faults not yet counted, by subtask id
         self._progress = Progress(total=n_trials)
         self.max_attempts = opts.max_attempts
         self.max_provider_failures = opts.max_provider_failures
@@ -222,9 +233,9 @@ class HyperparameterSearchTask:
         new_rows: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
         batch = self._take_requeued(provider_id)
         if batch is not None:
-            trials, attempt = batch.trials, batch.attempt
+            trials, attempt, avoid = batch.trials, batch.attempt, batch.avoid
         else:
-            trials, attempt = [], 1
+            trials, attempt, avoid = [], 1, frozenset()
             for _ in range(self._next_batch_size()):
                 trial = self.study.ask()
                 params = self.definition.options.search_space.sample(trial)
@@ -240,15 +251,24 @@ class HyperparameterSearchTask:
         )
         numbers = [t.number for t in trials]
         self.store.add_subtask(subtask.subtask_id, self._sent, provider_id, attempt, numbers, new_rows)
-        self._pending[subtask.subtask_id] = _Pending(subtask, provider_id, attempt)
+        self._pending[subtask.subtask_id] = _Pending(subtask, provider_id, attempt, avoid)
         self._update_running()
         return subtask
+
+    def hand_out_order(self, providers: list[str]) -> list[str]:
+        """Idle ``providers`` in the order to offer them work: those that failed fewer re-queued batches first.
+
+        With :meth:`_take_requeued` this sends a batch "to another provider where there is
+        one": an idle provider that has not failed it is asked before one that has.
+        """
+        return sorted(providers, key=lambda p: sum(p in batch.avoid for batch in self._requeued))
 
     def _take_requeued(self, provider: str) -> _Batch | None:
         """A re-queued batch this provider has not failed; else fresh work; else any batch.
 
-        "On another provider where there is one": a batch goes back to a provider that
-        failed it only when no fresh trials are left to give that provider instead.
+        A batch goes back to a provider that failed it only when no fresh trials are left
+        to give that provider instead and no idle provider that has not failed it was asked
+        first (see :meth:`hand_out_order`).
         """
         for batch in self._requeued:
             if provider not in batch.avoid:
@@ -299,6 +319,8 @@ class HyperparameterSearchTask:
         for t in result.trials:
             self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
         self._faults[entry.provider] = 0
+        self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
+                              {t.number for t in result.trials})
         self._update_running()
         return True
 
@@ -306,23 +328,32 @@ class HyperparameterSearchTask:
         """Drop a subtask's answer and send its trials again, to another provider if possible.
 
         ``fault`` marks a crash, kill, timeout or missing result rather than a wrong answer:
-        the provider's failure is counted (:meth:`is_banned` turns true after
-        ``max_provider_failures`` in a row), and a batch of several trials is split into
-        single trials, so one configuration that kills its worker cannot take the others
-        down with it. After ``max_attempts`` sends a trial is recorded as failed with
-        ``reason``: a configuration that fails deterministically is not retried forever.
+        a batch of several trials is split into single trials, so one configuration that
+        kills its worker cannot take the others down with it, and each goes to a provider
+        that has not failed it where one is idle. After ``max_attempts`` sends a trial is
+        recorded as failed with ``reason``: a configuration that fails deterministically is
+        not retried forever.
+
+        Whose fault was it? A configuration that hangs or crashes does so on every provider,
+        and one provider may be all there is, so a fault counts against the provider only
+        once every trial it failed has succeeded on another provider (:meth:`is_banned`
+        turns true after ``max_provider_failures`` of those in a row). A broken provider is
+        still dropped, as soon as others have redone its work; one configuration that
+        fails everywhere is recorded as failed and drops no one.
         """
         entry = self._pending.pop(subtask_id, None)
         if entry is None:
             return
-        if fault:
-            self._faults[entry.provider] = self._faults.get(entry.provider, 0) + 1
-            if self._faults[entry.provider] >= self.max_provider_failures:
-                self.drop(entry.provider, f"{self._faults[entry.provider]} failures in a row, last: {reason}")
         trials = entry.subtask.trials
-        if entry.attempt < self.max_attempts:
+        numbers = {t.number for t in trials}
+        gave_up = entry.attempt >= self.max_attempts
+        if fault or gave_up:  # failed on a second provider, or for good: no earlier fault on them can count
+            self._settle_suspects(entry.provider, set(), numbers)
+        if not gave_up:
+            if fault:
+                self._suspects[subtask_id] = _Suspect(entry.provider, reason, numbers)
             self.store.settle_subtask(subtask_id, "rejected", reason=reason)
-            avoid = frozenset({entry.provider})
+            avoid = entry.avoid | {entry.provider}
             groups = [[t] for t in trials] if fault and len(trials) > 1 else [trials]
             self._requeued.extend(_Batch(group, entry.attempt + 1, avoid) for group in groups)
         else:
@@ -336,6 +367,27 @@ class HyperparameterSearchTask:
             for t in trials:
                 self._tell(t.number, None, t.params)
         self._update_running()
+
+    def _settle_suspects(self, provider: str, succeeded: set[int], settled: set[int]) -> None:
+        """Count the faults whose trials ``provider`` has now ``succeeded`` at; forget those that cannot count.
+
+        A suspect is forgotten when one of its trials fails for good, fails elsewhere too,
+        or is done by the suspect itself: then it was the configuration, or it is unknown.
+        """
+        for subtask_id, suspect in list(self._suspects.items()):
+            hit = suspect.numbers & settled
+            if not hit:
+                continue
+            if suspect.provider == provider or hit - succeeded:
+                del self._suspects[subtask_id]
+                continue
+            suspect.numbers -= hit
+            if suspect.numbers:
+                continue
+            del self._suspects[subtask_id]
+            faults = self._faults[suspect.provider] = self._faults.get(suspect.provider, 0) + 1
+            if faults >= self.max_provider_failures and not self.is_banned(suspect.provider):
+                self.drop(suspect.provider, f"{faults} failures in a row, last: {suspect.reason}")
 
     def discard(self, subtask_ids: list[str]) -> None:
         """Forget subtasks without requeuing (abort); their trials stay unfinished."""

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def yagna(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real yagna on a free port, offline, with an erc20/holesky sender account."""
+    """A real yagna on a free port, offline, with an erc20/hoodi sender account (yagna's default network)."""
     binary = shutil.which("yagna")
     if binary is None:
         if os.environ.get("CI"):
@@ -63,7 +63,7 @@ def yagna(tmp_path_factory: pytest.TempPathFactory) -> Any:
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, (data / "yagna.log").read_text()[-2000:]
             time.sleep(0.5)
-    subprocess.run([binary, "payment", "init", "--sender", "--driver", "erc20", "--network", "holesky"], env=env,
+    subprocess.run([binary, "payment", "init", "--sender", "--driver", "erc20", "--network", "hoodi"], env=env,
                    check=True, capture_output=True, timeout=60)
     yield {"YAGNA_API_URL": url, "YAGNA_APPKEY": APP_KEY}
     proc.terminate()
@@ -101,7 +101,7 @@ def test_demand_carries_the_image_and_resources_then_the_market_times_out(
         [demand] = [d for d in _demands(yagna) if d["demandId"] == backend._demand.id]
         assert f"hash:sha3:{HASH}:" in demand["properties"]["golem.srv.comp.task_package"]
         assert demand["properties"]["golem.node.debug.subnet"] == "public"
-        assert "golem.com.payment.platform.erc20-holesky-tglm.address" in json.dumps(demand["properties"])
+        assert "golem.com.payment.platform.erc20-hoodi-tglm.address" in json.dumps(demand["properties"])
         for constraint in ("golem.inf.mem.gib>=3", "golem.inf.storage.gib>=5", "golem.inf.cpu.threads>=2",
                            "golem.runtime.name=vm"):
             assert constraint in demand["constraints"].replace(" ", ""), demand["constraints"]
@@ -131,9 +131,9 @@ def test_cli_stops_at_the_market_timeout_with_a_resumable_state(
 def test_no_payment_account_names_the_yagna_command(yagna: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     _use(monkeypatch, yagna)
-    code, _, err = run_cli(["tasks", "create", str(_golem_task(tmp_path, payment_network="hoodi")), "--backend",
+    code, _, err = run_cli(["tasks", "create", str(_golem_task(tmp_path, payment_network="sepolia")), "--backend",
                             "golem", "--output", str(tmp_path / "out"), "--quiet"], capsys)
-    assert code == 2 and "yagna payment init --sender --driver erc20 --network hoodi" in err
+    assert code == 2 and "yagna payment init --sender --driver erc20 --network sepolia" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -144,7 +144,7 @@ def test_allocation_refused_by_yagna_is_a_clear_error(yagna: dict, tmp_path: Pat
     (tmp_path / "resources").mkdir()
     with backend:
         backend.start(tmp_path / "resources", tmp_path / "scratch")
-        with pytest.raises(TaskError, match=r"yagna could not reserve 1 GLM on erc20-holesky-tglm: .*payment fund"):
+        with pytest.raises(TaskError, match=r"yagna could not reserve 1 GLM on erc20-hoodi-tglm: .*payment fund"):
             backend._call(backend._allocate(), timeout=120)
 
 
@@ -351,7 +351,7 @@ def test_a_download_past_its_bound_is_stopped_in_flight_and_bans_its_provider(tm
     from mltask.backends.golem import _Provider
     from mltask.definition import parse_definition
     from mltask.protocol import RESULT_FILE, result_size_limit
-    from mltask.scheduler import make_verifier, settle
+    from mltask.scheduler import make_verifier
     from mltask.task import HyperparameterSearchTask
 
     task = HyperparameterSearchTask.create(parse_definition(task_dict()), tmp_path, tmp_path / "out")
@@ -377,7 +377,7 @@ def test_a_download_past_its_bound_is_stopped_in_flight_and_bans_its_provider(tm
         assert activity.batch.cleaned and not activity.batch.done
         [completion] = done
         assert completion.refused and "passed the" in completion.refused and completion.output_dir is None
-        settle(task, completion, make_verifier(task))
+        make_verifier(task).settle(completion, 0.0)
         assert slot.name in task.store.bans() and task.progress().done == 0
         assert backend.idle_providers() == [] and _node("f") in backend._excluded
     finally:

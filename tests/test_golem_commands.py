@@ -18,7 +18,8 @@ import pytest
 from mltask.backends.commands import Deploy, DownloadFile, Run, SendFile, Start, setup_commands, subtask_commands
 from mltask.definition import parse_definition
 from mltask.image import docker_client
-from mltask.protocol import dumps, read_result
+from mltask.protocol import TrialResult, TrialSpec, dumps, read_result
+from mltask.referee import rerun
 from mltask.scheduler import make_verifier
 from mltask.task import HyperparameterSearchTask
 from tests.support import task_dict
@@ -88,7 +89,12 @@ def test_golem_command_sequence_runs_subtasks_in_the_real_image(provider_image: 
             answer.mkdir()
             unit.execute(subtask_commands(sent, answer / "result.json"))
             result = read_result(answer, subtask)
-            assert verifier.check(subtask, result, "golem-test", None).ok
+            assert verifier.inspect(subtask.subtask_id, result, "golem-test").ok
+            for trial in result.trials:  # bit for bit what the requestor's referee computes
+                honest = TrialResult.model_validate_json(rerun(dumps(task.problem), str(task.resources_dir),
+                                                               dumps(TrialSpec(number=trial.number, params=trial.params,
+                                                                                seed=trial.seed)))[0])
+                assert (honest.fold_scores, honest.fold_fingerprints) == (trial.fold_scores, trial.fold_fingerprints)
             assert [t.mean_score for t in result.trials] == pytest.approx([t.params["k"] / 10 for t in subtask.trials])
     finally:
         unit.close()

@@ -17,6 +17,7 @@ from mltask.backends.local import LocalBackend
 from mltask.definition import parse_definition
 from mltask.runner import preload_modules
 from mltask.scheduler import drive
+from mltask.store import Store
 from mltask.task import HyperparameterSearchTask
 from tests.dishonest import nothing, run_inline
 from tests.support import results, task_dict
@@ -76,6 +77,22 @@ def test_hanging_configuration_is_killed_at_the_subtask_timeout(tmp_path: Path) 
     assert doc["counts"]["complete"] == 7
 
 
+def test_hanging_configuration_is_retried_on_the_idle_worker_and_drops_no_one(tmp_path: Path) -> None:
+    """Regression: it went back to the worker that had failed it while the other sat idle, and after
+    `max_provider_failures` of its timeouts that worker was dropped and the task stopped."""
+    data = _script_task(tmp_path, "hang", n=4, subtasks=4, subtask_timeout="00:00:02")
+    data["options"].update(max_attempts=3, max_provider_failures=2)
+    doc = _run(tmp_path, data)
+    assert doc["status"] == "finished" and doc["counts"]["complete"] == 3
+    assert "gave up after 3 attempts" in _by_k(doc)[3]["error"]
+    assert doc["verification"]["dropped_providers"] == {}
+    bad = _by_k(doc)[3]["number"]
+    store = Store.open(tmp_path / "out" / "state.db")
+    sends = [s["provider"] for s in store.subtasks() if bad in json.loads(s["trial_numbers"])]
+    store.close()
+    assert len(sends) == 3 and sends[1] != sends[0]  # the other worker was idle: the retry went there
+
+
 def test_out_of_memory_fails_its_trial_only(tmp_path: Path) -> None:
     doc = _run(tmp_path, _script_task(tmp_path, "oom"))
     trials = _by_k(doc)
@@ -106,14 +123,14 @@ def test_killed_worker_is_replaced_and_its_subtask_sent_again(tmp_path: Path) ->
         while backend._slots[0].subtask is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
-        killed.append(backend._slots[0].process.pid)
+        killed.append(backend._slots[0].pid)
         os.kill(killed[0], signal.SIGKILL)
 
     with backend:
         backend.start(task.resources_dir, tmp_path / "scratch")
         threading.Thread(target=killer).start()
         assert drive(task, backend, timeout=120) == "finished"
-        assert backend._slots[0].process.pid not in killed  # replaced
+        assert backend._slots[0].pid not in killed  # replaced
     assert killed
     states = [s["state"] for s in task.store.subtasks()]
     assert "rejected" in states
@@ -126,9 +143,8 @@ def test_worker_killed_while_idle_is_replaced_before_its_next_subtask(tmp_path: 
     task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
     with LocalBackend(workers=1) as backend:
         backend.start(task.resources_dir, tmp_path / "scratch")
-        process = backend._slots[0].process
-        os.kill(process.pid, signal.SIGKILL)
-        process.join()
+        os.kill(backend._slots[0].pid, signal.SIGKILL)
+        assert backend._slots[0].conn.poll(10)  # its end of the socket closed: it is gone
         assert drive(task, backend, timeout=60) == "finished"
     assert [s["state"] for s in task.store.subtasks()] == ["accepted"]
 

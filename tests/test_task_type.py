@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from mltask.definition import parse_definition
 from mltask.protocol import SubtaskDefinition, SubtaskResult
 from mltask.provider import evaluate_subtask
+from mltask.samplers import make_sampler
 from mltask.task import HyperparameterSearchTask
 from tests.support import task_dict
 
@@ -82,12 +84,26 @@ def test_fault_splits_batch_and_gives_up_after_max_attempts(tmp_path: Path) -> N
     assert row.state == "failed" and "gave up after 2 attempts" in row.result["error"]
 
 
-def test_provider_failing_repeatedly_is_dropped(tmp_path: Path) -> None:
+def test_provider_is_dropped_once_the_work_it_failed_succeeds_elsewhere(tmp_path: Path) -> None:
     task = _task(tmp_path, n_trials=8, subtasks=8, max_provider_failures=2)
     for _ in range(2):
         task.reject(task.next_subtask("flaky").subtask_id, "no result", fault=True)
+    assert not task.is_banned("flaky")  # so far it could be the configurations
+    assert task.hand_out_order(["flaky", "steady"]) == ["steady", "flaky"]  # its batches go elsewhere first
+    for _ in range(2):
+        task.accept(_answer(task, task.next_subtask("steady")))
     assert task.is_banned("flaky") and not task.is_banned("steady")
     assert task.store.bans() == {} and "flaky" in task.store.meta_value("dropped")
+
+
+def test_configuration_that_fails_everywhere_drops_no_provider(tmp_path: Path) -> None:
+    """Regression: one hanging configuration got its provider dropped, and with it the task stopped."""
+    task = _task(tmp_path, n_trials=2, subtasks=2, max_attempts=3, max_provider_failures=1)
+    task.accept(_answer(task, task.next_subtask("b")))
+    for provider in ("a", "b", "a"):
+        task.reject(task.next_subtask(provider).subtask_id, "timed out", fault=True)
+    assert task.finished() and task.progress().failed == 1
+    assert not task.is_banned("a") and not task.is_banned("b")
 
 
 def test_ban_reopens_everything_the_provider_reported(tmp_path: Path) -> None:
@@ -132,6 +148,22 @@ def test_every_algorithm_proposes_valid_distinct_batches(algorithm: str, tmp_pat
     assert all(1 <= p["max_depth"] <= 8 for p in seen)
     if algorithm == "grid":
         assert len({tuple(sorted(p.items())) for p in seen}) == 24  # every grid point exactly once
+
+
+def test_tpe_start_up_counts_asked_trials(tmp_path: Path) -> None:
+    """Regression: Optuna counts only finished trials, so batched TPE ran 15 random trials instead of 10."""
+    space = parse_definition(task_dict(algorithm="tpe", search_space={
+        "ccp_alpha": {"type": "float", "low": 0.0, "high": 1.0}, "max_depth": {"type": "int", "low": 1, "high": 50},
+    })).options.search_space
+
+    def first_11(sampler: optuna.samplers.BaseSampler) -> list[dict]:
+        study = optuna.create_study(sampler=sampler)
+        return [space.sample(study.ask()) for _ in range(11)]  # none told: all pending, as in a batch
+
+    ours = first_11(make_sampler("tpe", space, seed=3))
+    stock = first_11(optuna.samplers.TPESampler(seed=3, constant_liar=True, multivariate=True))
+    assert ours[:10] == stock[:10]  # the same 10 random start-up trials
+    assert ours[10] != stock[10]  # then the model, where Optuna would still be waiting for 10 to finish
 
 
 def test_conditional_parameter_only_when_its_condition_holds(tmp_path: Path) -> None:

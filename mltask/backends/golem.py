@@ -152,8 +152,9 @@ class GolemBackend(Backend):
         self.limits = provider or ProviderOptions()
         self.options = golem or GolemOptions()
         self.bid = bid
-        # As golem-core and yapapi do: the task's choice, else the usual YAGNA_* environment.
-        self.network = self.options.payment_network or os.environ.get("YAGNA_PAYMENT_NETWORK", "holesky")
+        # As golem-core and yapapi do: the task's choice, else the usual YAGNA_* environment; the network
+        # defaults to yagna's own default (hoodi since 0.17.4; golem-core still says holesky, which is gone).
+        self.network = self.options.payment_network or os.environ.get("YAGNA_PAYMENT_NETWORK", "hoodi")
         self.driver = self.options.payment_driver or os.environ.get("YAGNA_PAYMENT_DRIVER", "erc20")
         self.subnet = self.options.subnet or os.environ.get("YAGNA_SUBNET", "public")
         self.budget = Budget(self.options.budget)
