@@ -26,7 +26,8 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     rm -rf "$rootfs"
 fi
 pip install -q -e ".[dev]"
-mltask image build --base "$BASE"
+# --with lightgbm: the docker tests run LightGBM searches (dev installs it; the image pins its version)
+mltask image build --base "$BASE" --with lightgbm
 
 # gvmkit-build (mltask image gvmi) runs its squashfs step in the image scx1332/squashfs,
 # which lives on Docker Hub: a stand-in with the same tools, from Debian packages.

@@ -6,9 +6,10 @@ from mltask.errors import AllTrialsFailed, TaskError  # light: the provider impo
 
 __version__ = "0.1.0"
 
-__all__ = ["AllTrialsFailed", "TaskError", "__version__", "abort_task", "resume_task", "run_task"]
+__all__ = ["AllTrialsFailed", "GolemSearchCV", "TaskError", "__version__", "abort_task", "resume_task", "run_task"]
 
-_LAZY = {"run_task": "mltask.runner", "resume_task": "mltask.runner", "abort_task": "mltask.runner"}
+_LAZY = {"run_task": "mltask.runner", "resume_task": "mltask.runner", "abort_task": "mltask.runner",
+         "GolemSearchCV": "mltask.search_cv"}
 
 
 def __getattr__(name: str):  # lazy: `python -m mltask.provider` should not import the requestor side

@@ -6,9 +6,10 @@
     mltask tasks resume DIR [--task TASK.json]
     mltask tasks abort DIR
     mltask tasks show DIR
+    mltask tasks export DIR --optuna FILE
     mltask tasks template
     mltask tasks schema
-    mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...]
+    mltask image build [--base IMAGE] [--tag TAG] [--allow-modules PREFIX ...] [--with PACKAGE ...]
     mltask image gvmi [--tag TAG] [--output FILE] [--push-to USER/REPO:TAG]
     mltask app [--root DIR] [--host 127.0.0.1] [--port N] [--no-browser] [--max-upload-mb N]
 
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(resume)
     abort = tasks.add_parser("abort", help="stop a running task; it can be resumed later")
     abort.add_argument("dir", type=Path)
+    export = tasks.add_parser("export", help="write a task's trials for other tools (an Optuna study)")
+    export.add_argument("dir", type=Path)
+    export.add_argument("--optuna", type=Path, required=True, metavar="FILE",
+                        help="Optuna study file: a journal, or SQLite for .db/.sqlite/.sqlite3 (optuna-dashboard FILE)")
     show = tasks.add_parser("show", help="print the leaderboard of a task's output dir")
     show.add_argument("dir", type=Path)
     tasks.add_parser("template", help="print a minimal valid task JSON")
@@ -62,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", default=None, help="image tag (default: mltask-provider:VERSION)")
     build.add_argument("--allow-modules", action="append", default=[], metavar="PREFIX",
                        help="also let its providers import estimators from PREFIX (e.g. xgboost.); sklearn. always")
+    build.add_argument("--with", dest="extras", action="append", default=[], metavar="PACKAGE",
+                       help="also install PACKAGE (e.g. lightgbm, xgboost-cpu) at the version installed here, and "
+                       "allow its modules; repeatable")
     gvmi = image.add_parser("gvmi", help="convert the provider image to a GVMI for Golem providers (gvmkit-build)")
     gvmi.add_argument("--tag", default=None, help="Docker image to convert (default: mltask-provider:VERSION)")
     gvmi.add_argument("--output", type=Path, default=Path("mltask-provider.gvmi"), help="GVMI file to write")
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             from mltask.image import DEFAULT_TAG, build_image
 
             built = build_image(args.base, args.tag or DEFAULT_TAG, log=lambda line: out.print(line, highlight=False),
-                                allow_modules=tuple(args.allow_modules))
+                                allow_modules=tuple(args.allow_modules), extras=tuple(args.extras))
             print(f"{built.tag} {built.id} {built.size / 1e6:.0f} MB")
         elif args.command == "image":
             from mltask.image import DEFAULT_TAG, build_gvmi
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].defaults(), indent=2))
         elif args.action == "schema":
             print(json.dumps(TASK_TYPES["ml_hyperparameter_search"].schema(), indent=2))
+        elif args.action == "export":
+            from mltask.optuna_export import describe_export, export_study
+
+            study = export_study(args.dir, args.optuna)
+            out.print(describe_export(study, args.optuna), highlight=False, soft_wrap=True, markup=False)
         elif args.action == "show":
             from mltask.console import failure_lines, leaderboard
             from mltask.runner import show

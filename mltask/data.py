@@ -5,6 +5,8 @@ NPZ files are read with ``allow_pickle=False``: a dataset is data, never code. F
 named, never given as paths: a provider opens only regular files in its resources dir, and
 no error quotes what a file holds (a subtask naming a provider's own file must not read it
 back through an error message).
+An NPZ may also be a table (a pandas DataFrame written by :mod:`mltask.table`), which
+loads as a DataFrame again, column names and types included.
 """
 
 from __future__ import annotations
@@ -14,24 +16,34 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mltask.definition import DatasetSpec
 from mltask.errors import TaskError
 from mltask.protocol import RESOURCE_NAME
+from mltask.table import is_table, read_table
 
 _MISSING = {"", "na", "nan", "null", "none"}
 
 
 @dataclass(frozen=True)
 class Dataset:
-    X: np.ndarray
+    X: Any  # a numpy array, or a pandas DataFrame for a table
     y: np.ndarray
-    feature_names: tuple[str, ...]
+    feature_names: tuple[Any, ...]
+    groups: np.ndarray | None = None
+
+    def rows(self, index: Any) -> Any:
+        """Rows ``index`` of X, by position (as scikit-learn's ``_safe_indexing``)."""
+        return self.X.iloc[index] if hasattr(self.X, "iloc") else self.X[index]
 
     @property
-    def non_numeric_features(self) -> list[str]:
+    def non_numeric_features(self) -> list[Any]:
+        if hasattr(self.X, "dtypes"):
+            dtypes = zip(self.feature_names, self.X.dtypes, strict=True)
+            return [name for name, dtype in dtypes if dtype.kind not in "biuf"]
         if self.X.dtype != object:
             return []
         return [
@@ -62,8 +74,8 @@ def load_dataset(spec: DatasetSpec, resources_dir: Path) -> Dataset:
     field = "options.dataset.csv" if spec.csv else "options.dataset.npz"
     path = resource_path(resources_dir, spec.file or "", field)
     if spec.csv is not None:
-        return _load_csv(path, spec.target or "", field)
-    return _load_npz(path, field)
+        return _load_csv(path, spec.target or "", spec.groups, field)
+    return _load_npz(path, spec.groups, field)
 
 
 def _load_builtin(name: str) -> Dataset:
@@ -74,7 +86,7 @@ def _load_builtin(name: str) -> Dataset:
     return Dataset(np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), names)
 
 
-def _load_csv(path: Path, target: str, field: str) -> Dataset:
+def _load_csv(path: Path, target: str, groups: str | None, field: str) -> Dataset:
     try:
         # utf-8-sig: spreadsheet programs start their CSV with a byte order mark, which would
         # otherwise be part of the first column's name ("\ufefflabel", invisible in errors).
@@ -95,9 +107,13 @@ def _load_csv(path: Path, target: str, field: str) -> Dataset:
     ragged = next((i for i, r in enumerate(body, start=2) if len(r) != len(header)), None)
     if ragged is not None:
         raise TaskError(field, f"{path.name} line {ragged} has a different number of fields than the header")
+    if groups is not None and (groups not in header or groups == target):
+        raise TaskError("options.dataset.groups", f"no column {groups!r} (other than the target) in {path.name}; "
+                        f"columns are {', '.join(header)}")
     columns = list(zip(*body, strict=True))
     t = header.index(target)
-    features = [j for j in range(len(header)) if j != t]
+    g = header.index(groups) if groups is not None else None
+    features = [j for j in range(len(header)) if j not in (t, g)]
     converted = [_as_numbers(columns[j]) for j in features]
     if all(c is not None for c in converted):
         X = np.column_stack(converted).astype(np.float64)
@@ -111,7 +127,10 @@ def _load_csv(path: Path, target: str, field: str) -> Dataset:
     y = y_num if y_num is not None else np.asarray(columns[t], dtype=str)
     if y_num is not None and np.all(y_num == np.round(y_num)):
         y = y_num.astype(np.int64)
-    return Dataset(X, y, tuple(header[j] for j in features))
+    group_values = None if g is None else _as_numbers(columns[g])
+    if g is not None and (group_values is None or np.isnan(group_values).any()):
+        group_values = np.asarray(columns[g], dtype=str)
+    return Dataset(X, y, tuple(header[j] for j in features), group_values)
 
 
 def _as_numbers(column: tuple[str, ...]) -> np.ndarray | None:
@@ -129,13 +148,22 @@ def _as_numbers(column: tuple[str, ...]) -> np.ndarray | None:
     return out
 
 
-def _load_npz(path: Path, field: str) -> Dataset:
+def _load_npz(path: Path, groups: str | None, field: str) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("X", "y") if k not in npz.files]
+            table = is_table(npz)
+            missing = [k for k in ("y" if table else "X", "y", groups) if k is not None and k not in npz.files]
             if missing:
-                raise TaskError(field, f"{path.name} has no array {missing[0]!r}; save it with np.savez(f, X=X, y=y)")
-            X, y = npz["X"], npz["y"]
+                where = "options.dataset.groups" if missing[0] == groups else field
+                raise TaskError(where, f"{path.name} has no array {missing[0]!r}; save it with "
+                                "np.savez(f, X=X, y=y) (and groups=... for group CV)")
+            if table:
+                X, names = read_table(npz, field)
+            else:
+                X = npz["X"]
+                names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
+            y = npz["y"]
+            group_values = npz[groups] if groups is not None else None
     except TaskError:
         raise
     except (OSError, ValueError) as exc:  # numpy's messages may quote the file's headers: named, not shown
@@ -143,4 +171,6 @@ def _load_npz(path: Path, field: str) -> Dataset:
                         "save it with np.savez(f, X=X, y=y) from numeric arrays") from None
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
         raise TaskError(field, f"{path.name}: X must be 2-D and y 1-D with as many rows (got {X.shape}, {y.shape})")
-    return Dataset(X, y, tuple(f"x{j}" for j in range(X.shape[1])))
+    if group_values is not None and group_values.shape != y.shape:
+        raise TaskError("options.dataset.groups", f"{path.name}: {groups} must hold one value per row")
+    return Dataset(X, y, tuple(names), group_values)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from mltask.errors import TaskError, json_path, located, pydantic_error_to_task_error
+from mltask.estimators import EstimatorObject
 from mltask.space import SearchSpace
 
 TASK_TYPE_ID = "ml_hyperparameter_search"
@@ -90,11 +91,15 @@ class PipelineSpec(_Strict):
 def _estimator_kind(value: Any) -> str:
     # A discriminated union reports only the chosen member's errors: a bad pipeline gets
     # pipeline errors, not "Input should be a valid string" from the import-path member.
+    if isinstance(value, EstimatorObject) or (isinstance(value, dict) and ("class" in value or "class_" in value)):
+        return "EstimatorObject"
     return "PipelineSpec" if isinstance(value, (dict, PipelineSpec)) else "str"
 
 
 EstimatorSpec = Annotated[
-    Annotated[str, Tag("str")] | Annotated[PipelineSpec, Tag("PipelineSpec")], Discriminator(_estimator_kind)
+    Annotated[str, Tag("str")] | Annotated[PipelineSpec, Tag("PipelineSpec")]
+    | Annotated[EstimatorObject, Tag("EstimatorObject")],
+    Discriminator(_estimator_kind),
 ]
 
 
@@ -121,13 +126,21 @@ class DatasetSpec(_Strict):
     )
     csv: str | None = Field(default=None, description="CSV file name, listed in `resources`.")
     target: str | None = Field(default=None, description="Target column of the CSV file.")
-    npz: str | None = Field(default=None, description="NPZ file name with arrays X and y, listed in `resources`.")
+    npz: str | None = Field(
+        default=None, description="NPZ file name with arrays X and y (or a table GolemSearchCV wrote), listed in "
+        "`resources`."
+    )
+    groups: str | None = Field(
+        default=None, description="Column (csv) or array (npz) holding each row's group, for the group CV kinds."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetSpec:
         given = [k for k in ("builtin", "csv", "npz") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of builtin, csv or npz")
+        if self.builtin is not None and self.groups is not None:
+            raise ValueError("built-in datasets have no groups; use a csv or npz dataset with a groups column")
         if self.csv is not None and not self.target:
             raise ValueError("a csv dataset needs `target`, the name of the label column")
         if self.csv is None and self.target is not None:
@@ -139,16 +152,71 @@ class DatasetSpec(_Strict):
         return self.csv or self.npz
 
 
-class CVSpec(_Strict):
-    """How each configuration is scored; the same seeded splits serve every trial."""
+MAX_METRICS = 20
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+CV_KINDS = ("auto", "kfold", "stratified", "holdout", "shuffle_split", "stratified_shuffle_split", "group",
+            "stratified_group", "timeseries", "repeated_kfold", "repeated_stratified")
+GROUP_KINDS = ("group", "stratified_group")
+_SHUFFLE_SPLITS = ("holdout", "shuffle_split", "stratified_shuffle_split")
+MAX_SPLITS = 100
 
-    kind: Literal["auto", "kfold", "stratified", "holdout"] = Field(
-        default="auto", description="auto: stratified for classifiers, kfold otherwise (as scikit-learn's check_cv)."
+
+class CVSpec(_Strict):
+    """How each configuration is scored; the same seeded splits serve every trial.
+
+    Each kind is the scikit-learn splitter of that name, built from these fields: ``kfold``
+    KFold, ``stratified`` StratifiedKFold, ``holdout`` one ShuffleSplit (or the last rows
+    when not shuffled), ``shuffle_split`` / ``stratified_shuffle_split`` (Stratified)ShuffleSplit,
+    ``group`` / ``stratified_group`` (Stratified)GroupKFold on ``options.dataset.groups``,
+    ``timeseries`` TimeSeriesSplit, ``repeated_kfold`` / ``repeated_stratified``
+    Repeated(Stratified)KFold.
+    """
+
+    kind: Literal[CV_KINDS] = Field(  # type: ignore[valid-type]
+        default="auto", description="auto: stratified for classifiers, kfold otherwise (as scikit-learn's check_cv); "
+        "also holdout, shuffle_split, stratified_shuffle_split, group, stratified_group (need dataset.groups), "
+        "timeseries, repeated_kfold, repeated_stratified."
     )
-    folds: int = Field(default=5, ge=2, le=100, description="Number of folds (kfold, stratified).")
-    test_size: float = Field(default=0.25, gt=0, lt=1, description="Validation fraction for holdout.")
-    shuffle: bool = Field(default=True, description="Shuffle before splitting.")
-    seed: int | None = Field(default=None, description="Seed of the splits; default: the task seed.")
+    folds: int = Field(default=5, ge=1, le=MAX_SPLITS, description="Number of folds, or of splits (shuffle splits, "
+                       "timeseries).")
+    repeats: int = Field(default=10, ge=1, le=MAX_SPLITS, description="Repetitions of the folds (repeated kinds).")
+    test_size: float | None = Field(
+        default=None, gt=0, description="Validation rows: a fraction below 1 or a count (holdout, shuffle splits: "
+        "default 0.25 for holdout, 0.1 otherwise; timeseries: a count, default rows / (folds + 1)).",
+    )
+    train_size: float | None = Field(
+        default=None, gt=0, description="Training rows of the shuffle splits: a fraction or a count; default the rest."
+    )
+    gap: int = Field(default=0, ge=0, description="Rows left out between training and validation (timeseries).")
+    max_train_size: int | None = Field(default=None, ge=1, description="Most training rows per split (timeseries).")
+    shuffle: bool = Field(default=True, description="Shuffle before splitting (not for timeseries).")
+    seed: int | None = Field(default=None, ge=0, lt=2**32, description="Seed of the splits; default: the task seed.")
+
+    @field_validator("test_size", "train_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError("give a fraction below 1 or a whole number of rows")
+        return int(value) if value is not None and value >= 1 else value
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> CVSpec:
+        if self.kind not in ("holdout", "shuffle_split", "stratified_shuffle_split") and self.folds < 2:
+            raise ValueError(f"{self.kind} needs at least 2 folds")
+        if self.kind == "timeseries" and isinstance(self.test_size, float):
+            raise ValueError("timeseries takes test_size as a number of rows, not a fraction")
+        if self.kind not in _SHUFFLE_SPLITS and self.train_size is not None:
+            raise ValueError("train_size applies to holdout and the shuffle splits only; remove it")
+        if self.n_splits > MAX_SPLITS:
+            raise ValueError(f"folds x repeats is {self.n_splits}, more than {MAX_SPLITS} splits; use fewer")
+        return self
+
+    @property
+    def n_splits(self) -> int:
+        """How many (train, validation) splits each configuration is scored on."""
+        if self.kind == "holdout":
+            return 1
+        return self.folds * self.repeats if self.kind.startswith("repeated") else self.folds
 
 
 class VerificationOptions(_Strict):
@@ -220,15 +288,25 @@ class SearchOptions(_Strict):
     """The search itself: what to tune, on what data, how to score, which algorithm."""
 
     estimator: EstimatorSpec | None = Field(
-        default=None, description="Import path of a scikit-learn estimator, or a pipeline of steps."
+        default=None, description="Import path of a scikit-learn estimator, a pipeline of steps, or an estimator "
+        "object {\"class\": import path, \"params\": {...}} (nested estimators too)."
     )
     script: ScriptSpec | None = Field(default=None, description="A training script instead of an estimator.")
     dataset: DatasetSpec = Field(description="The data to train and validate on.")
     search_space: SearchSpace = Field(
         description="name -> parameter (int, float, categorical, fixed); a list is categorical, a scalar fixed."
     )
-    scoring: str | None = Field(
-        default=None, description="scikit-learn scorer name; default accuracy (classifiers) or r2 (regressors)."
+    scoring: str | list[str] | dict[str, str] | None = Field(
+        default=None, description="scikit-learn scorer name; default accuracy (classifiers) or r2 (regressors). "
+        "Several: a list of names, or a dict of metric name -> scorer name, all scored on each fold's one fitted "
+        "model; `refit_metric` names the one the search optimises.",
+    )
+    refit_metric: str | None = Field(
+        default=None, description="With several scorers: the metric that ranks trials and picks the best (default "
+        "the first)."
+    )
+    return_train_score: bool = Field(
+        default=False, description="Also score each fold's training rows, as scikit-learn's return_train_score."
     )
     cv: CVSpec = Field(default=CVSpec(), description="Cross-validation; see options.cv.")
     algorithm: Literal["grid", "random", "qmc", "tpe", "cmaes"] = Field(
@@ -258,9 +336,34 @@ class SearchOptions(_Strict):
     def _one_model(self) -> SearchOptions:
         if (self.estimator is None) == (self.script is None):
             raise ValueError("give exactly one of estimator or script")
-        if self.script is not None and self.scoring is not None:
-            raise ValueError("scoring does not apply to a script (it returns its own score); remove it")
+        if self.script is not None and (self.scoring is not None or self.return_train_score):
+            raise ValueError("scoring and return_train_score do not apply to a script (it returns its own score); "
+                             "remove them")
+        metrics = self.metrics
+        if self.refit_metric is not None and self.refit_metric not in metrics:
+            raise ValueError(f"refit_metric {self.refit_metric!r} is not one of the scorers "
+                             f"({', '.join(metrics) or 'give scoring as a list or dict first'})")
         return self
+
+    @field_validator("scoring")
+    @classmethod
+    def _metric_names(cls, scoring: Any) -> Any:
+        names = scoring if isinstance(scoring, (list, dict)) else []
+        if isinstance(scoring, (list, dict)) and not 1 <= len(scoring) <= MAX_METRICS:
+            raise ValueError(f"give 1 to {MAX_METRICS} scorers")
+        if isinstance(scoring, list) and len(set(scoring)) != len(scoring):
+            raise ValueError("a scorer is listed twice; list each once")
+        bad = next((n for n in names if not _METRIC_NAME.match(n)), None)
+        if bad is not None:
+            raise located("metric names are 1-100 letters, digits, '_', '-' or '.' (they name result columns)", bad)
+        return scoring
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Metric name -> scorer name when several are scored; empty for one scorer."""
+        if isinstance(self.scoring, list):
+            return {name: name for name in self.scoring}
+        return dict(self.scoring) if isinstance(self.scoring, dict) else {}
 
 
 class TaskDefinition(_Strict):

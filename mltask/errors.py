@@ -110,5 +110,5 @@ def json_path(parts: list[str | int]) -> str:
 def _is_union_tag(part: object) -> bool:
     # pydantic puts the chosen union member ("int", "float", "function-after[...]") in
     # the location; users think of the JSON path only.
-    wrappers = {"int", "float", "categorical", "fixed", "str", "list[...]", "PipelineSpec"}
+    wrappers = {"int", "float", "categorical", "fixed", "str", "list[...]", "PipelineSpec", "EstimatorObject"}
     return isinstance(part, str) and (part in wrappers or "[" in part)

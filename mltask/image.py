@@ -30,8 +30,9 @@ from mltask.policy import DEFAULT_MODULES, ProviderPolicy, module_prefixes
 
 DEFAULT_TAG = f"mltask-provider:{__version__}"
 # What `python -m mltask.provider` imports; everything else (Optuna, rich, matplotlib)
-# stays on the requestor.
-PROVIDER_PACKAGES = ("numpy", "scipy", "scikit-learn", "joblib", "threadpoolctl", "pydantic")
+# stays on the requestor. pandas rebuilds the DataFrames GolemSearchCV sends as tables
+# (about 60 MB installed): without it every DataFrame task would fail on a provider.
+PROVIDER_PACKAGES = ("numpy", "scipy", "scikit-learn", "joblib", "threadpoolctl", "pydantic", "pandas")
 SOURCE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -64,6 +65,21 @@ def pinned_requirements(roots: tuple[str, ...] = PROVIDER_PACKAGES) -> list[str]
     return sorted(seen.values())
 
 
+def extra_modules(extras: tuple[str, ...]) -> list[str]:
+    """The import prefixes of the extra distributions (``xgboost-cpu`` installs ``xgboost.``)."""
+    owners = metadata.packages_distributions()
+    prefixes = []
+    for name in extras:
+        try:
+            dist = metadata.distribution(name).metadata["Name"]
+        except metadata.PackageNotFoundError:
+            raise TaskError("--with", f"{name} is not installed here; pip install {name} first (providers get the "
+                            "version installed here)") from None
+        prefixes += [f"{module}." for module, dists in sorted(owners.items())
+                     if dist in dists and module.isidentifier() and not module.startswith("_")]
+    return prefixes
+
+
 @dataclass(frozen=True)
 class BuiltImage:
     tag: str
@@ -89,13 +105,17 @@ def docker_client(timeout: float | None = 60) -> Any:
 
 
 def build_image(base: str | None = None, tag: str = DEFAULT_TAG, log: Any = print,
-                allow_modules: tuple[str, ...] = ()) -> BuiltImage:
+                allow_modules: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> BuiltImage:
     """Build the provider image from ``docker/Dockerfile`` with offline wheels.
 
-    Its providers import estimators from ``sklearn.`` and the ``allow_modules`` prefixes
-    only, whatever a subtask allows (the packages must be installed in the image too).
+    ``extras`` are more distributions for providers (``lightgbm``, ``xgboost-cpu``), each
+    pinned to the version installed here with what it needs, as numpy and scikit-learn are,
+    and each one's modules allowed. Its providers import estimators from ``sklearn.``, the
+    extras and the ``allow_modules`` prefixes only, whatever a subtask allows (the packages
+    must be installed in the image too).
     """
-    policy = ProviderPolicy(module_prefixes((*DEFAULT_MODULES, *allow_modules), "--allow-modules"))
+    allowed = (*DEFAULT_MODULES, *extra_modules(extras), *allow_modules)
+    policy = ProviderPolicy(module_prefixes(allowed, "--allow-modules"))
     dockerfile = SOURCE_DIR / "docker" / "Dockerfile"
     if not dockerfile.is_file():
         raise TaskError("image", f"{dockerfile} is missing; build from a checkout of the mltask sources")
@@ -106,10 +126,10 @@ def build_image(base: str | None = None, tag: str = DEFAULT_TAG, log: Any = prin
         (context / "policy.json").write_text(policy.to_json())
         log(f"providers will import estimators from {', '.join(policy.modules)} only")
         wheels = context / "wheels"
-        log(f"building wheels of {', '.join(PROVIDER_PACKAGES)} and mltask {__version__} at the versions "
-            "installed here")
+        log(f"building wheels of {', '.join((*PROVIDER_PACKAGES, *extras))} and mltask {__version__} at the "
+            "versions installed here")
         _pip_wheel(wheels, [str(SOURCE_DIR)])
-        _pip_wheel(wheels, pinned_requirements())
+        _pip_wheel(wheels, pinned_requirements((*PROVIDER_PACKAGES, *extras)))
         log(f"building {tag} on {base or default_base()}")
         output: list[str] = []
         for chunk in client.api.build(path=str(context), tag=tag, buildargs={"BASE": base or default_base()},

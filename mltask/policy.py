@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mltask.definition import PipelineSpec
 from mltask.errors import TaskError
+from mltask.estimators import EstimatorObject, class_paths
 from mltask.protocol import Problem
 
 # In the image: /opt/mltask/policy.json, next to the venv mltask-provider runs from.
@@ -52,7 +53,10 @@ class ProviderPolicy:
     def check(self, problem: Problem) -> None:
         """Refuse a problem naming an estimator outside the policy, before anything is imported."""
         spec = problem.estimator
-        steps = spec.pipeline if isinstance(spec, PipelineSpec) else [("", spec)] if spec else []
+        if isinstance(spec, EstimatorObject):  # every class it nests, each checked before anything is imported
+            steps = [("", path) for path in class_paths(spec)]
+        else:
+            steps = spec.pipeline if isinstance(spec, PipelineSpec) else [("", spec)] if spec else []
         for step, path in steps:
             if not path.startswith(self.modules):
                 field = f"options.estimator.pipeline.{step}" if step else "options.estimator"

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from mltask.data import Dataset, resource_path
-from mltask.definition import CVSpec, PipelineSpec, ScriptSpec
+from mltask.definition import CVSpec, EstimatorSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
+from mltask.estimators import EstimatorObject, build_object, class_paths
 from mltask.param_values import estimator_params
 from mltask.protocol import Problem, TrialResult, TrialSpec
 
@@ -57,8 +58,10 @@ def import_estimator(path: str, allowed: list[str], field: str = "options.estima
 
 
 def build_estimator(problem: Problem) -> Any:
-    """A fresh, unconfigured estimator or pipeline."""
+    """A fresh estimator or pipeline, not yet configured by a trial."""
     spec = problem.estimator
+    if isinstance(spec, EstimatorObject):
+        return build_object(spec, problem.allowed_modules, "options.estimator")
     if isinstance(spec, PipelineSpec):
         from sklearn.pipeline import Pipeline
 
@@ -69,6 +72,15 @@ def build_estimator(problem: Problem) -> Any:
         return Pipeline(steps)
     assert spec is not None
     return _construct(import_estimator(spec, problem.allowed_modules), spec, "options.estimator")
+
+
+def estimator_paths(spec: EstimatorSpec | None) -> list[str]:
+    """Every import path an estimator spec names (a pipeline's steps, nested estimators)."""
+    if isinstance(spec, EstimatorObject):
+        return list(dict.fromkeys(class_paths(spec)))
+    if isinstance(spec, PipelineSpec):
+        return [path for _, path in spec.pipeline]
+    return [spec] if spec else []
 
 
 def _construct(cls: type, path: str, field: str) -> Any:
@@ -128,18 +140,36 @@ def is_classifier(problem: Problem) -> bool:
 
 def make_splits(cv: CVSpec, data: Dataset) -> Splits:
     """Seeded train/validation index pairs; ``cv.kind`` must already be resolved (not auto)."""
-    from sklearn.model_selection import KFold, ShuffleSplit, StratifiedKFold
+    n = len(data.y)
+    if cv.kind == "holdout" and not cv.shuffle:
+        size = cv.test_size or 0.25
+        cut = n - (size if isinstance(size, int) else max(1, round(n * size)))
+        return [(np.arange(cut), np.arange(cut, n))]
+    return list(make_splitter(cv).split(data.X, data.y, data.groups))
+
+
+def make_splitter(cv: CVSpec) -> Any:
+    """The scikit-learn splitter ``cv`` describes (see :class:`~mltask.definition.CVSpec`)."""
+    from sklearn import model_selection as ms
 
     seed = cv.seed if cv.shuffle else None
-    n = len(data.y)
-    if cv.kind == "holdout":
-        if cv.shuffle:
-            return [next(ShuffleSplit(n_splits=1, test_size=cv.test_size, random_state=cv.seed).split(data.X))]
-        cut = n - max(1, round(n * cv.test_size))
-        return [(np.arange(cut), np.arange(cut, n))]
-    splitter_cls = StratifiedKFold if cv.kind == "stratified" else KFold
-    splitter = splitter_cls(n_splits=cv.folds, shuffle=cv.shuffle, random_state=seed)
-    return list(splitter.split(data.X, data.y))
+    if cv.kind in ("holdout", "shuffle_split", "stratified_shuffle_split"):
+        cls = ms.StratifiedShuffleSplit if cv.kind == "stratified_shuffle_split" else ms.ShuffleSplit
+        default = 0.25 if cv.kind == "holdout" else None
+        return cls(n_splits=cv.n_splits, test_size=cv.test_size or default, train_size=cv.train_size,
+                   random_state=cv.seed)
+    if cv.kind == "timeseries":
+        return ms.TimeSeriesSplit(n_splits=cv.folds, max_train_size=cv.max_train_size, test_size=cv.test_size,
+                                  gap=cv.gap)
+    if cv.kind.startswith("repeated"):
+        cls = ms.RepeatedStratifiedKFold if cv.kind == "repeated_stratified" else ms.RepeatedKFold
+        return cls(n_splits=cv.folds, n_repeats=cv.repeats, random_state=cv.seed)
+    if cv.kind in ("group", "stratified_group"):
+        cls = ms.StratifiedGroupKFold if cv.kind == "stratified_group" else ms.GroupKFold
+        # GroupKFold shuffles only from scikit-learn 1.6 on; unshuffled it takes no seed at all
+        return cls(n_splits=cv.folds, shuffle=True, random_state=seed) if cv.shuffle else cls(n_splits=cv.folds)
+    cls = ms.StratifiedKFold if cv.kind == "stratified" else ms.KFold
+    return cls(n_splits=cv.folds, shuffle=cv.shuffle, random_state=seed)
 
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
@@ -168,22 +198,27 @@ class TrialEvaluator:
         self.problem = problem
         self.data = data
         self.splits = splits
+        self._refit_name = problem.refit_metric or "score"
         if problem.script is not None:
             self._script = load_script(problem.script, resources_dir)
             self._base = None
         else:
-            from sklearn.metrics import get_scorer
+            from sklearn.metrics import check_scoring, get_scorer
 
             self._base = build_estimator(problem)
-            self._scorer = get_scorer(problem.scoring)
+            # Several metrics: scikit-learn's multimetric scorer, which predicts once for all of them.
+            self._scorer = check_scoring(self._base, problem.metrics) if problem.metrics else get_scorer(
+                problem.scoring)
 
     def evaluate(self, trial: TrialSpec, folds: Sequence[int] | None = None) -> TrialResult:
         """Score one configuration on every fold (or only ``folds``, for spot checks).
 
         Any exception fails this trial only. Each fold gets its own fingerprint of the
         predictions it was scored on, so a verifier can re-run a single fold and compare.
+        Every metric of a fold is computed from the same fitted model.
         """
-        fold_scores: list[float] = []
+        tests: dict[str, list[float]] = {}
+        trains: dict[str, list[float]] = {}
         fit_times: list[float] = []
         score_times: list[float] = []
         fingerprints: list[str] = []
@@ -193,10 +228,12 @@ class TrialEvaluator:
                 for index in range(len(self.splits)) if folds is None else folds:
                     train, valid = self.splits[index]
                     digest = hashlib.sha256()
-                    score, fit_time, score_time = self._fold(trial, train, valid, digest)
-                    if not math.isfinite(score):
-                        raise ValueError(f"the score is {score}, not a finite number")
-                    fold_scores.append(score)
+                    test, on_train, fit_time, score_time = self._fold(trial, train, valid, digest)
+                    for scores, outcome in ((tests, test), (trains, on_train)):
+                        for name, score in outcome.items():
+                            if not math.isfinite(score):
+                                raise ValueError(f"the {name} is {score}, not a finite number")
+                            scores.setdefault(name, []).append(score)
                     fit_times.append(fit_time)
                     score_times.append(score_time)
                     fingerprints.append(digest.hexdigest())
@@ -205,6 +242,7 @@ class TrialEvaluator:
             return TrialResult(
                 number=trial.number, params=trial.params, seed=trial.seed, status="failed", error=message[:2000]
             )
+        fold_scores = tests[self._refit_name]
         return TrialResult(
             number=trial.number,
             params=trial.params,
@@ -217,26 +255,37 @@ class TrialEvaluator:
             score_times=score_times,
             fold_fingerprints=fingerprints,
             fingerprint=combined_fingerprint(fingerprints),
+            metric_scores=tests if self.problem.metrics else {},
+            train_scores=trains,
         )
 
-    def _fold(self, trial: TrialSpec, train: np.ndarray, valid: np.ndarray, digest: Any) -> tuple[float, float, float]:
-        X, y = self.data.X, self.data.y
+    def _fold(self, trial: TrialSpec, train: np.ndarray, valid: np.ndarray,
+              digest: Any) -> tuple[dict[str, float], dict[str, float], float, float]:
+        """(validation scores, training scores, fit seconds, score seconds) of one fold, by metric name."""
+        data, y = self.data, self.data.y
         if self._base is None:
             t0 = time.perf_counter()
-            out = self._script(dict(trial.params), X[train], y[train], X[valid], y[valid], trial.seed)
+            out = self._script(dict(trial.params), data.rows(train), y[train], data.rows(valid), y[valid], trial.seed)
             elapsed = time.perf_counter() - t0
             score, predictions = out if isinstance(out, tuple) else (out, None)
             if predictions is not None:
                 digest.update(_rounded_bytes(predictions))
-            return float(score), elapsed, 0.0
+            return {"score": float(score)}, {}, elapsed, 0.0
         from sklearn.base import clone
 
         model = clone(self._base).set_params(**trial_params(self._base, trial))
         t0 = time.perf_counter()
-        model.fit(X[train], y[train])
+        model.fit(data.rows(train), y[train])
         t1 = time.perf_counter()
-        score = _score_recording(self._scorer, model, X[valid], y[valid], digest)
-        return float(score), t1 - t0, time.perf_counter() - t1
+        test = self._named(_score_recording(self._scorer, model, data.rows(valid), y[valid], digest))
+        t2 = time.perf_counter()  # as scikit-learn's score_time: the validation scoring only
+        on_train = self._named(self._scorer(model, data.rows(train), y[train])) if self.problem.return_train_score \
+            else {}
+        return test, on_train, t1 - t0, t2 - t1
+
+    @staticmethod
+    def _named(scores: Any) -> dict[str, float]:
+        return {k: float(v) for k, v in scores.items()} if isinstance(scores, dict) else {"score": float(scores)}
 
 
 def combined_fingerprint(fold_fingerprints: list[str]) -> str:
@@ -244,7 +293,7 @@ def combined_fingerprint(fold_fingerprints: list[str]) -> str:
     return hashlib.sha256("".join(fold_fingerprints).encode()).hexdigest()
 
 
-def _score_recording(scorer: Any, model: Any, X: np.ndarray, y: np.ndarray, digest: Any) -> float:
+def _score_recording(scorer: Any, model: Any, X: Any, y: np.ndarray, digest: Any) -> Any:
     """Score ``model`` while hashing the predictions the scorer asks it for.
 
     Wrapping the response methods on the instance costs nothing extra: the fingerprint is

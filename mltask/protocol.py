@@ -19,13 +19,14 @@ import json
 import math
 import os
 import stat
+from importlib import metadata
 from pathlib import Path
 from statistics import mean, pstdev
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mltask.definition import CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
+from mltask.definition import MAX_METRICS, MAX_SPLITS, CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
 from mltask.space import Value
 
 PROTOCOL_VERSION = 1
@@ -35,6 +36,7 @@ ERROR_FILE = "error.txt"  # written instead of a result when the provider itself
 ERROR_BYTES = 2000
 _BASE_RESULT_BYTES = 64 * 1024
 _PER_TRIAL_RESULT_BYTES = 32 * 1024
+_SCORE_BYTES = 40  # one more float in a result, with its separator
 # No honest fit, score or subtask takes longer (116 days); a provider's 1e300 is refused at once.
 MAX_SECONDS = 1e7
 # Timings of a subtask's trials lie within its compute time (one process, one clock); the
@@ -47,6 +49,8 @@ Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 Params = dict[Annotated[str, Field(max_length=200)], Value]
+MetricName = Annotated[str, Field(max_length=100)]
+FoldScores = Annotated[list[FiniteFloat], Field(max_length=MAX_SPLITS)]
 
 
 class _Wire(BaseModel):
@@ -67,10 +71,17 @@ class Problem(_Wire):
     estimator: EstimatorSpec | None
     script: ScriptSpec | None
     dataset: DatasetSpec
-    scoring: str | None
+    scoring: str | None  # the scorer the search optimises (the refit metric's)
     cv: CVSpec
     allowed_modules: list[str]
     resources: list[ResourceRef]
+    metrics: dict[str, str] = {}  # with several scorers: every metric name -> scorer name
+    refit_metric: str | None = None  # ...and which of them is ``scoring``
+    return_train_score: bool = False
+
+    def score_names(self) -> list[str]:
+        """Names of the scores a trial reports per fold: each metric, or ``score`` for one scorer."""
+        return list(self.metrics) or ["score"]
 
 
 class TrialSpec(_Wire):
@@ -122,6 +133,13 @@ class TrialResult(_Wire):
     )
     fingerprint: Digest | None = Field(default=None, description="sha256 of the fold fingerprints, in order.")
     error: Annotated[str, Field(max_length=2000)] | None = None
+    metric_scores: dict[MetricName, FoldScores] = Field(
+        default={}, max_length=MAX_METRICS, description="With several scorers: each metric's fold scores."
+    )
+    train_scores: dict[MetricName, FoldScores] = Field(
+        default={}, max_length=MAX_METRICS, description="With return_train_score: each metric's (or `score`'s) "
+        "fold scores on the training rows."
+    )
 
 
 class Environment(_Wire):
@@ -132,13 +150,32 @@ class Environment(_Wire):
     numpy: Annotated[str, Field(max_length=50)]
     scipy: Annotated[str, Field(max_length=50)]
     sklearn: Annotated[str, Field(max_length=50)]
+    packages: dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=50)]] = Field(
+        default={}, max_length=20, description="Other distributions the problem scores with (lightgbm, pandas...)."
+    )
 
     def mismatch(self, other: Environment) -> str | None:
-        """How ``other`` differs in what decides scores (Python's patch level does not)."""
-        ours, theirs = self.model_dump(), other.model_dump()
+        """How ``other`` differs in what decides scores (Python's patch level does not).
+
+        ``other.packages`` (what the problem imports beyond scikit-learn) are compared with
+        the versions installed here, whatever this process has imported so far.
+        """
+        ours, theirs = self.model_dump(exclude={"packages"}), other.model_dump(exclude={"packages"})
         ours["python"], theirs["python"] = ours["python"].rsplit(".", 1)[0], theirs["python"].rsplit(".", 1)[0]
         diffs = [f"{key} {theirs[key]} (requestor {ours[key]})" for key in ours if ours[key] != theirs[key]]
+        for name, version in sorted(other.packages.items()):
+            mine = installed_version(name)
+            if mine != version:
+                diffs.append(f"{name} {version} (requestor {mine or 'none'})")
         return ", ".join(diffs) or None
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or ``None``."""
+    try:
+        return metadata.version(distribution)
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 class SubtaskResult(_Wire):
@@ -164,7 +201,10 @@ class MissingResult(ResultError):
 
 def result_size_limit(subtask: SubtaskDefinition) -> int:
     """Largest result a subtask can honestly produce (errors and fold lists are bounded)."""
-    return _BASE_RESULT_BYTES + _PER_TRIAL_RESULT_BYTES * len(subtask.trials)
+    problem = subtask.problem
+    lists = len(problem.metrics) + (len(problem.score_names()) if problem.return_train_score else 0)
+    per_trial = _PER_TRIAL_RESULT_BYTES + _SCORE_BYTES * problem.cv.n_splits * lists
+    return _BASE_RESULT_BYTES + per_trial * len(subtask.trials)
 
 
 def write_json_atomic(path: Path, text: str) -> None:
@@ -231,6 +271,7 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
                 raise ResultError(f"trial {trial.number}: mean_score is not the mean of its fold scores")
             if not _close(trial.std_score, pstdev(trial.fold_scores)):
                 raise ResultError(f"trial {trial.number}: std_score is not the deviation of its fold scores")
+            _check_score_lists(trial, subtask.problem, folds)
         elif not trial.error:
             raise ResultError(f"trial {trial.number} failed without an error message")
     timed = math.fsum(math.fsum(t.fit_times) + math.fsum(t.score_times) for t in result.trials)
@@ -239,13 +280,27 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
                           "compute time of the subtask")
 
 
+def _check_score_lists(trial: TrialResult, problem: Problem, folds: int) -> None:
+    """Every metric (and train score) the problem asks for, one per fold; the refit metric's are ``fold_scores``."""
+    expected = {"metric_scores": list(problem.metrics),
+                "train_scores": problem.score_names() if problem.return_train_score else []}
+    for kind, names in expected.items():
+        lists = getattr(trial, kind)
+        if sorted(lists) != sorted(names) or any(len(scores) != folds for scores in lists.values()):
+            raise ResultError(f"trial {trial.number}: {kind} must hold {folds} fold scores for each of "
+                              f"{names or 'no metric'}")
+    if problem.refit_metric is not None and trial.metric_scores[problem.refit_metric] != trial.fold_scores:
+        raise ResultError(f"trial {trial.number}: fold_scores are not those of the refit metric "
+                          f"{problem.refit_metric}")
+
+
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def problem_folds(problem: Problem) -> int:
     """How many CV folds a trial of ``problem`` has."""
-    return 1 if problem.cv.kind == "holdout" else problem.cv.folds
+    return problem.cv.n_splits
 
 
 def subtask_folds(subtask: SubtaskDefinition) -> int:

@@ -26,7 +26,7 @@ from mltask import __version__
 from mltask.data import load_dataset
 from mltask.errors import TaskError
 from mltask.policy import ProviderPolicy, check_named_files, load_policy
-from mltask.problem import TrialEvaluator, make_splits
+from mltask.problem import TrialEvaluator, estimator_paths, make_splits
 from mltask.protocol import (
     ERROR_BYTES,
     ERROR_FILE,
@@ -38,6 +38,7 @@ from mltask.protocol import (
     SubtaskDefinition,
     SubtaskResult,
     dumps,
+    installed_version,
     write_json_atomic,
 )
 
@@ -55,6 +56,28 @@ def environment() -> Environment:
 
     return Environment(mltask=__version__, python=platform.python_version(), numpy=numpy.__version__,
                        scipy=scipy.__version__, sklearn=sklearn.__version__)
+
+
+def environment_for(evaluator: TrialEvaluator) -> Environment:
+    """:func:`environment` plus the versions of what this problem imports beyond scikit-learn: the
+    estimators' packages (lightgbm...) and pandas for a table, which scores depend on as much."""
+    packages = {path.split(".", 1)[0] for path in estimator_paths(evaluator.problem.estimator)} - {"sklearn"}
+    if hasattr(evaluator.data.X, "iloc"):
+        packages.add("pandas")
+    versions = {_distribution(name): installed_version(_distribution(name)) for name in sorted(packages)}
+    return environment().model_copy(update={"packages": {k: v for k, v in versions.items() if v}})
+
+
+def _distribution(module: str) -> str:
+    """The distribution that installs top-level ``module`` (its own name for nearly all)."""
+    return (_distributions().get(module) or [module])[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict[str, list[str]]:
+    from importlib import metadata
+
+    return metadata.packages_distributions()
 
 
 def file_sha256(path: Path) -> str:
@@ -123,7 +146,7 @@ def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path,
     return SubtaskResult(
         task_id=subtask.task_id,
         subtask_id=subtask.subtask_id,
-        environment=environment(),
+        environment=environment_for(evaluator),
         trials=trials,
         compute_time=time.perf_counter() - started,
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from mltask.data import Dataset, load_dataset
-from mltask.definition import TaskDefinition
+from mltask.definition import GROUP_KINDS, TaskDefinition
 from mltask.errors import TaskError
 from mltask.param_values import check_param, estimator_params
 from mltask.problem import build_estimator, load_script, make_splits
@@ -68,6 +68,7 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
     if opts.script is not None:
         load_script(opts.script, resources_dir)
         classifier, scoring, direction = False, None, opts.script.direction
+        metrics, refit_metric = {}, None
     else:
         probe = Problem(
             estimator=opts.estimator, script=None, dataset=opts.dataset, scoring=None, cv=opts.cv,
@@ -79,11 +80,17 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
         from sklearn.base import is_classifier
 
         classifier = is_classifier(estimator)
-        scoring = _check_scoring(opts.scoring or ("accuracy" if classifier else "r2"))
+        metrics = {name: _check_scoring(scorer, f"options.scoring.{name}") for name, scorer in opts.metrics.items()}
+        refit_metric = (opts.refit_metric or next(iter(metrics))) if metrics else None
+        default = "accuracy" if classifier else "r2"
+        scoring = metrics[refit_metric] if refit_metric else _check_scoring(opts.scoring or default)  # type: ignore
         direction = "maximize"  # scikit-learn scorers are greater-is-better (neg_* for errors)
         _check_text_columns(estimator, opts.search_space.fixed_values(), data)
 
     kind = opts.cv.kind if opts.cv.kind != "auto" else ("stratified" if classifier else "kfold")
+    if kind in GROUP_KINDS and data.groups is None:
+        raise TaskError("options.dataset.groups", f"cv kind {kind} splits by group: name the column (csv) or array "
+                        "(npz) holding each row's group")
     cv = opts.cv.model_copy(update={"kind": kind, "seed": opts.cv.seed if opts.cv.seed is not None else opts.seed})
     try:
         make_splits(cv, data)
@@ -96,7 +103,8 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
     count = min(definition.subtasks_count or math.ceil(n_trials / per_subtask), n_trials)
     problem = Problem(
         estimator=opts.estimator, script=opts.script, dataset=opts.dataset, scoring=scoring, cv=cv,
-        allowed_modules=opts.allowed_modules, resources=refs,
+        allowed_modules=opts.allowed_modules, resources=refs, metrics=metrics, refit_metric=refit_metric,
+        return_train_score=opts.return_train_score,
     )
     return Resolved(problem, n_trials, count, direction)
 
@@ -191,14 +199,14 @@ def _check_param_values(space: SearchSpace) -> None:
             check_param(name, value, f"options.search_space.{name}")
 
 
-def _check_scoring(name: str) -> str:
+def _check_scoring(name: str, field: str = "options.scoring") -> str:
     from sklearn.metrics import get_scorer_names
 
     names = get_scorer_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "see sklearn.metrics.get_scorer_names()"
-        raise TaskError("options.scoring", f"unknown scorer {name!r}; {hint}")
+        raise TaskError(field, f"unknown scorer {name!r}; {hint}")
     return name
 
 
@@ -213,7 +221,7 @@ def _check_text_columns(estimator: object, fixed: dict, data: Dataset) -> None:
     try:
         with warnings.catch_warnings():  # a probe on 200 rows: its ConvergenceWarning says nothing of the search
             warnings.simplefilter("ignore")
-            clone(estimator).set_params(**estimator_params(fixed)).fit(data.X[sample], data.y[sample])
+            clone(estimator).set_params(**estimator_params(fixed)).fit(data.rows(sample), data.y[sample])
     except Exception as exc:  # whatever the estimator raises, the cause is the text columns
         raise TaskError(
             "options.dataset",

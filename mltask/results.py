@@ -19,6 +19,7 @@ import numpy as np
 
 from mltask.definition import CVSpec, DatasetSpec, PipelineSpec
 from mltask.errors import one_line
+from mltask.estimators import EstimatorObject, describe
 from mltask.protocol import Problem, TrialSpec, write_json_atomic
 from mltask.store import Store
 
@@ -114,6 +115,8 @@ def _describe_estimator(problem: Problem) -> str:
     if problem.script is not None:
         return f"training script {problem.script.file} ({problem.script.function})"
     spec = problem.estimator
+    if isinstance(spec, EstimatorObject):
+        return describe(spec)
     if isinstance(spec, PipelineSpec):
         return "pipeline " + " → ".join(f"{name}: {path}" for name, path in spec.pipeline)
     return str(spec)
@@ -126,8 +129,18 @@ def _describe_dataset(spec: DatasetSpec) -> str:
 
 
 def _describe_cv(cv: CVSpec) -> str:
-    split = f"holdout, {cv.test_size:.0%} for validation" if cv.kind == "holdout" else f"{cv.kind} {cv.folds}-fold"
-    return f"{split}, shuffled with seed {cv.seed}" if cv.shuffle else f"{split}, not shuffled"
+    size = cv.test_size or (0.25 if cv.kind == "holdout" else None)
+    held = "" if size is None else f"{size:.0%}" if isinstance(size, float) else f"{size} rows"
+    if cv.kind == "holdout":
+        split = f"holdout, {held} for validation"
+    elif cv.kind.endswith("shuffle_split"):
+        split = f"{cv.kind}, {cv.folds} splits" + (f" of {held} for validation" if held else "")
+    else:
+        split = f"{cv.kind} {cv.folds}-fold" + (f" x {cv.repeats}" if cv.kind.startswith("repeated") else "")
+    if cv.kind == "timeseries":
+        return f"{split}, in time order"
+    random = cv.shuffle or cv.kind.startswith("repeated") or cv.kind.endswith("shuffle_split")
+    return f"{split}, shuffled with seed {cv.seed}" if random else f"{split}, not shuffled"
 
 
 def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +183,12 @@ def _row(trial: Any) -> dict[str, Any]:
     row["std_test_score"] = result.get("std_score")
     for i, score in enumerate(result.get("fold_scores", [])):
         row[f"split{i}_test_score"] = score
+    # With several metrics (and training scores), each gets its columns, named as in cv_results_.
+    for prefix, lists in (("test", result.get("metric_scores") or {}), ("train", result.get("train_scores") or {})):
+        for name, scores in lists.items():
+            row[f"mean_{prefix}_{name}"] = float(np.mean(scores))
+            row[f"std_{prefix}_{name}"] = float(np.std(scores))
+            row.update({f"split{i}_{prefix}_{name}": score for i, score in enumerate(scores)})
     for kind in ("fit", "score"):
         times = result.get(f"{kind}_times") or []
         row[f"mean_{kind}_time"] = float(np.mean(times)) if times else None

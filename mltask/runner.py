@@ -15,9 +15,10 @@ from rich.console import Console
 
 from mltask.backends import make_backend
 from mltask.console import SearchProgress, failure_lines, leaderboard, phase
-from mltask.definition import PipelineSpec, TaskDefinition, load_definition, parse_definition
+from mltask.definition import TaskDefinition, load_definition, parse_definition
 from mltask.errors import AllTrialsFailed, Interrupted, TaskError
 from mltask.outdir import RESOURCES_DIR, SCRATCH_DIR, STATE_FILE, claim, output_path, seal
+from mltask.problem import estimator_paths
 from mltask.protocol import Problem
 from mltask.report import REPORT_FILE, verification_lines, write_report
 from mltask.results import (
@@ -44,6 +45,12 @@ class RunResult:
     @property
     def best(self) -> dict[str, Any] | None:
         return self.summary.best
+
+    def trials_dataframe(self) -> Any:
+        """The trials as Optuna's ``Study.trials_dataframe()`` gives them (a pandas DataFrame)."""
+        from mltask.optuna_export import trials_dataframe
+
+        return trials_dataframe(self.output_dir)
 
 
 def run_task(
@@ -258,8 +265,7 @@ def preload_modules(problem: Problem) -> tuple[str, ...]:
     scikit-learn before its first trial (0.19 s with them), which a worker killed every
     second never got past.
     """
-    spec = problem.estimator
-    paths = [p for _, p in spec.pipeline] if isinstance(spec, PipelineSpec) else [spec] if spec else []
+    paths = estimator_paths(problem.estimator)
     modules = {p.rpartition(".")[0] for p in paths if any(p.startswith(a) for a in problem.allowed_modules)}
     modules |= {"sklearn.model_selection", "sklearn.metrics"}
     if problem.dataset.builtin:

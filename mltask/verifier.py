@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from statistics import median
 from typing import TYPE_CHECKING, Any
@@ -486,11 +487,26 @@ class Verifier:
         return None
 
     def _mismatch(self, claim: TrialResult, other: TrialResult, folds: list[int] | None) -> str | None:
-        """Where ``claim`` (all its folds, or only ``folds``) and ``other`` (only those) differ."""
+        """Where ``claim`` (all its folds, or only ``folds``) and ``other`` (only those) differ: any
+        metric's score (with several scorers, each one; training scores too), or the predictions."""
         if claim.status != other.status:
             return f"is {claim.status} in one run and {other.status} in the other ({other.error or claim.error})"
         if claim.status == "failed":
             return None
+        indices = list(folds if folds is not None else range(len(claim.fold_scores)))
+        for what, said, got in _score_lists(claim, other):
+            said = said if len(said) == len(indices) else [said[i] for i in indices if i < len(said)]
+            if len(said) != len(got):
+                return f"reports {what}scores for {len(said)} folds, the other run for {len(got)}"
+            for index, a, b in zip(indices, said, got, strict=True):
+                if not math.isclose(a, b, rel_tol=self.options.rel_tolerance, abs_tol=self.options.abs_tolerance):
+                    return f"fold {index} {what}gave {a!r} then {b!r}"
+        prints = (claim.fold_fingerprints if len(claim.fold_fingerprints) == len(indices)
+                  else [claim.fold_fingerprints[i] for i in indices])
+        for index, a, b in zip(indices, prints, other.fold_fingerprints, strict=True):
+            if a != b:
+                return f"fold {index} predictions differ (fingerprint mismatch)"
+        return None
         indices = list(folds if folds is not None else range(len(claim.fold_scores)))
         said = claim.fold_scores if len(claim.fold_scores) == len(indices) else [claim.fold_scores[i] for i in indices]
         prints = (claim.fold_fingerprints if len(claim.fold_fingerprints) == len(indices)
@@ -502,3 +518,13 @@ class Verifier:
             if a != b:
                 return f"fold {index} predictions differ (fingerprint mismatch)"
         return None
+
+
+def _score_lists(claim: TrialResult, other: TrialResult) -> Iterator[tuple[str, list[float], list[float]]]:
+    """Each list of fold scores a trial reports, with its label: the search's own, then every metric's
+    and every training score's (a provider must not fake a metric the search does not optimise)."""
+    yield "", claim.fold_scores, other.fold_scores
+    for kind, label in (("metric_scores", "{} "), ("train_scores", "train {} ")):
+        mine, theirs = getattr(claim, kind), getattr(other, kind)
+        for name in sorted(set(mine) | set(theirs)):
+            yield label.format(name), mine.get(name, []), theirs.get(name, [])

@@ -305,3 +305,23 @@ def test_no_token_traversal_and_oversize_upload_on_the_real_server(browser: Any,
     wait_js(page, "document.querySelectorAll('#f-options-dataset-target option').length === 4")
     page.select_option("#f-options-dataset-target", "label")
     assert json.loads(page.input_value("#json"))["options"]["dataset"] == {"csv": "small.csv", "target": "label"}
+
+
+def test_a_template_with_an_estimator_object_loads_and_edits_as_json(page: Any, app: App) -> None:
+    new_form(page)
+    page.select_option("#template-select", "breast_cancer_lightgbm.json")
+    page.click("#template-load")
+    confirm_modules(page)
+    assert page.locator('input[name="model-kind"][value="object"]').is_checked()
+    area = page.locator("#f-options-estimator")
+    assert json.loads(area.input_value())["class"] == "lightgbm.LGBMClassifier"
+    area.fill(json.dumps({"class": "lightgbm.LGBMClassifier", "params": {"n_estimators": 20, "n_jobs": 1}}))
+    wait_js(page, "JSON.parse(document.getElementById('json').value).options.estimator.params.n_estimators === 20")
+    confirm_modules(page)
+
+
+def confirm_modules(page: Any) -> None:
+    """The app asks before it imports estimators from lightgbm.: say yes, then the task is valid."""
+    wait_js(page, "document.getElementById('confirm-box').textContent.includes('lightgbm.')")
+    page.check("#confirm-run")
+    wait_valid(page)

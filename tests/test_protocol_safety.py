@@ -241,8 +241,9 @@ def _refused(proc: subprocess.CompletedProcess, tmp_path: Path, field: str) -> N
     assert not (tmp_path / "output" / RESULT_FILE).exists()
 
 
-@pytest.mark.parametrize("estimator", ["this.s", "os.system", "subprocess.Popen"])
-def test_provider_imports_only_from_its_own_modules(answered, tmp_path: Path, estimator: str) -> None:
+@pytest.mark.parametrize("estimator", ["this.s", "os.system", "subprocess.Popen", {  # nested in an estimator object
+    "class": "sklearn.pipeline.Pipeline", "params": {"steps": [{"tuple": ["run", {"class": "this.s"}]}]}}])
+def test_provider_imports_only_from_its_own_modules(answered, tmp_path: Path, estimator: str | dict) -> None:
     task, subtask, _ = answered
     doc = json.loads(dumps(subtask))
     doc["problem"].update(allowed_modules=[""], estimator=estimator)  # the subtask allows everything

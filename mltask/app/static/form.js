@@ -189,7 +189,7 @@ function renderResources(schema, path) {
 function modelKind() {
   const o = task.options || {};
   if (o.script) return "script";
-  if (o.estimator && typeof o.estimator === "object") return "pipeline";
+  if (o.estimator && typeof o.estimator === "object") return o.estimator.class ? "object" : "pipeline";
   return "estimator";
 }
 
@@ -197,7 +197,9 @@ function renderModel() {
   const kind = modelKind();
   const o = task.options || {};
   const box = el("div", {class: "field", "data-field": "options.estimator"}, el("label", {}, "model"));
-  const radios = el("div", {class: "choices"}, ...[["estimator", "a scikit-learn estimator"], ["pipeline", "a pipeline of steps"], ["script", "a training script"]]
+  const kinds = [["estimator", "a scikit-learn estimator"], ["pipeline", "a pipeline of steps"], ["script", "a training script"]];
+  if (kind === "object") kinds.splice(2, 0, ["object", "an estimator object (JSON)"]);
+  const radios = el("div", {class: "choices"}, ...kinds
     .map(([k, label]) => el("label", {}, el("input", {type: "radio", name: "model-kind", value: k, checked: kind === k, onchange: () => {
       delAt(["options", "script"]); delAt(["options", "estimator"]);
       if (k === "pipeline") setAt(["options", "estimator"], {pipeline: [["scaler", "sklearn.preprocessing.StandardScaler"], ["model", ""]]});
@@ -209,6 +211,15 @@ function renderModel() {
     const input = el("input", {id: "f-options-estimator", value: typeof o.estimator === "string" ? o.estimator : "", placeholder: "sklearn.svm.SVC", list: "estimators"});
     input.addEventListener("input", () => { input.value.trim() ? setAt(["options", "estimator"], input.value.trim()) : delAt(["options", "estimator"]); changed(); });
     body.append(input, estimatorList());
+  } else if (kind === "object") {
+    // {"class": ..., "params": {...}}, nested (a template, a GolemSearchCV task): edited as the JSON it is
+    const area = el("textarea", {id: "f-options-estimator", class: "wide", rows: 8}, JSON.stringify(o.estimator, null, 1));
+    const err = el("div", {class: "err"});
+    area.addEventListener("input", () => {
+      try { setAt(["options", "estimator"], JSON.parse(area.value)); err.textContent = ""; changed(); }
+      catch (e) { err.textContent = `not JSON yet: ${e.message}`; }
+    });
+    body.append(area, err);
   } else if (kind === "pipeline") {
     const steps = o.estimator.pipeline;
     steps.forEach((step, i) => {
