@@ -41,7 +41,7 @@ from sklearn.svm import SVC
 from mltask import run_task
 
 SEED = 0
-NO_VERIFICATION = {"sample_rate": 0.0, "verify_best": False}
+NO_VERIFICATION = {"budget": 0.0, "verify_best": False}
 
 
 def _task(name: str, estimator: Any, dataset: str, space: dict, algorithm: str, n_trials: int | None,

@@ -40,7 +40,7 @@ def _task(seconds: float, subtasks: int) -> dict:
         "options": {
             "script": {"file": "spin.py"}, "dataset": {"builtin": "iris"}, "cv": {"kind": "holdout"},
             "search_space": {"i": list(range(subtasks)), "seconds": seconds}, "algorithm": "grid",
-            "verification": {"sample_rate": 0, "verify_best": False},
+            "verification": {"budget": 0, "verify_best": False},
         },
     }
 

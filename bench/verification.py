@@ -1,14 +1,15 @@
-"""What verification costs and what it catches: the four numbers of the verification issue.
+"""What verification costs and what it catches, on real runs and in the dishonest-provider harness.
 
-(a) re-run overhead (re-run seconds / provider compute seconds) at default settings on
-    every template with 8+ subtasks, local backend, 2 workers;
-(b) a provider faking 20% of its subtasks in a 50-subtask task: fraction of runs in which
-    it is caught (runs where it faked at least once);
-(c) a provider faking the best score: fraction caught, and whether the reported best is
-    the honest one;
-(d) honest runs with rejected results (must be zero).
-(b)-(d) use the in-process dishonest-provider harness of the tests on a tiny problem. The
-peer for (a) is the provider compute of the same run.
+(a) overhead at the defaults (all verification compute, wherever it ran, over the compute of
+    the accepted search subtasks, both measured by the requestor) on every template with 8+
+    subtasks, local backend, 2 workers; goal <= 5%;
+(b) the same on the shapes v1 paid most for: holdout CV with one trial per subtask (one
+    check unit is a whole trial), on the random forest and the SVC templates;
+(c) per adversary (``tests/dishonest.py``), in runs where it faked anything: the share of
+    runs it was banned in, and of runs whose reported best is the honest best; (d) honest
+    runs with a false ban (goal 0).
+(c) and (d) run 3 inline providers (one of them the adversary; two colluders for
+``colluders``) on a 40-trial, 10-subtask, 5-fold task.
 
     python bench/verification.py [--quick] [--runs N]
 """
@@ -20,62 +21,83 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mltask import run_task  # noqa: E402
-from tests.dishonest import fake_best, inflate, run_inline, sometimes  # noqa: E402
+from tests.dishonest import ADVERSARIES, CHEATS, Colluders, run_inline  # noqa: E402
 from tests.support import task_dict  # noqa: E402
 
+TEMPLATES = ROOT / "task_templates"
 
-def _tiny(seed: int) -> dict:
-    data = task_dict(n_trials=100, seed=seed, cv={"kind": "stratified", "folds": 3})
-    data["subtasks_count"] = 50
+
+def _overhead(task: Path | dict[str, Any], label: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_task(task, workers=2, output=Path(tmp) / "o", quiet=True)
+        v = json.loads((Path(tmp) / "o" / "results.json").read_text())["verification"]
+    print(f"{label}: verification overhead {100 * v['overhead']:.1f}% of useful compute (goal <= 5%); "
+          f"{v['verified_full']} full, {v['verified_spot']} spot, {v['verified_cross']} cross, "
+          f"{v['unverified']} unchecked", flush=True)
+
+
+def overheads(quick: bool) -> None:
+    for template in sorted(TEMPLATES.glob("*.json")):
+        if not quick and json.loads(template.read_text()).get("subtasks_count", 0) >= 8:
+            _overhead(template, f"(a) {template.stem}")
+    for name in ("breast_cancer_rf_random", "digits_svc_tpe"):
+        data = json.loads((TEMPLATES / f"{name}.json").read_text())
+        data["options"]["cv"] = {"kind": "holdout"}
+        data["subtasks_count"] = data["options"]["n_trials"]
+        _overhead(data, f"(b) {name}, holdout CV, one trial per subtask")
+        if quick:
+            return
+
+
+def _task(seed: int) -> dict[str, Any]:
+    data = task_dict(n_trials=40, seed=seed, cv={"kind": "stratified", "folds": 5})
+    data["subtasks_count"] = 10
     return data
 
 
-def overhead_on_templates() -> None:
-    for template in sorted((ROOT / "task_templates").glob("*.json")):
-        if json.loads(template.read_text()).get("subtasks_count", 0) < 8:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            run_task(template, workers=2, output=Path(tmp) / "o", quiet=True)
-            v = json.loads((Path(tmp) / "o" / "results.json").read_text())["verification"]
-        print(f"(a) {template.stem}: verification overhead {100 * v['overhead']:.1f}% of provider compute "
-              f"(target <= 10%)", flush=True)
-
-
-def simulate(runs: int) -> None:
-    caught = faking_runs = best_caught = best_honest = false_rejections = 0
+def catch_rates(runs: int) -> None:
+    kinds = sorted(CHEATS) + sorted(ADVERSARIES) + ["colluders"]
     with tempfile.TemporaryDirectory() as tmp:
+        honest_best, false_bans = {}, 0
         for seed in range(runs):
-            task, backend, _ = run_inline(_tiny(seed), Path(tmp) / f"b{seed}" / "out",
-                                          {"honest": None, "cheat": sometimes(inflate, 0.2)}, seed=seed)
-            if backend.faked["cheat"]:
-                faking_runs += 1
-                caught += "cheat" in task.store.bans()
-            honest, _, _ = run_inline(_tiny(seed), Path(tmp) / f"h{seed}" / "out", {"a": None, "b": None}, seed=seed)
-            false_rejections += any(not v["ok"] for v in honest.store.verdicts())
-            cheat, _, _ = run_inline(_tiny(seed), Path(tmp) / f"c{seed}" / "out",
-                                     {"honest": None, "cheat": fake_best}, seed=seed)
-            best_caught += "cheat" in cheat.store.bans()
-            best_honest += cheat.best_trial().value == honest.best_trial().value
-    print(f"(b) provider faking 20% of its subtasks, 50-subtask task: caught in {caught}/{faking_runs} runs "
-          f"= {100 * caught / max(faking_runs, 1):.1f}% (target >= 99%)")
-    print(f"(c) faked best score: caught in {best_caught}/{runs} = {100 * best_caught / runs:.1f}%, "
-          f"reported best is the honest best in {best_honest}/{runs} (target 100%)")
-    print(f"(d) honest runs with a false rejection: {false_rejections}/{runs} (target 0)")
+            task, _, _ = run_inline(_task(seed), Path(tmp) / f"h{seed}" / "out", {"a": None, "b": None, "c": None},
+                                    seed=seed)
+            honest_best[seed] = task.best_trial().value
+            false_bans += bool(task.store.bans())
+        for kind in kinds:
+            faking = caught = outcome = 0
+            for seed in range(runs):
+                if kind == "colluders":
+                    ring = Colluders()
+                    cheats = {"honest": None, "c1": ring.cheat, "c2": ring.cheat}
+                else:
+                    cheat = CHEATS.get(kind) or ADVERSARIES[kind]()
+                    cheats = {"honest": None, "other": None, "cheat": cheat}
+                bad = {name for name, cheat in cheats.items() if cheat is not None}
+                task, backend, _ = run_inline(_task(seed), Path(tmp) / f"{kind}{seed}" / "out", cheats, seed=seed)
+                if not any(backend.faked[name] for name in bad):
+                    continue
+                faking += 1
+                caught += bad <= set(task.store.bans())
+                outcome += task.best_trial().value == honest_best[seed]
+            print(f"(c) {kind}: caught in {caught}/{faking} runs where it faked, reported best is the honest best "
+                  f"in {outcome}/{faking}", flush=True)
+    print(f"(d) honest runs with a false ban: {false_bans}/{runs} (goal 0)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 simulated runs, no templates")
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="one real run and 5 simulated runs per adversary")
+    parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
-    if not args.quick:
-        overhead_on_templates()
-    simulate(20 if args.quick else args.runs)
+    overheads(args.quick)
+    catch_rates(5 if args.quick else args.runs)
 
 
 if __name__ == "__main__":

@@ -54,12 +54,12 @@ def leaderboard(summary: Summary, rows: int = 10) -> Table:
     best = summary.best
     names = list(best["params"]) if best else []
     table = Table(title=f"{summary.name}: top {rows} of {len(summary.rows)} ({summary.scoring})")
-    for column in ("rank", "trial", "mean", "std", *names):
+    for column in ("rank", "trial", "mean", "std", *names, "verified"):
         table.add_column(column, justify="right" if column not in names else "left")
     for r in sorted(summary.complete, key=lambda r: r["rank_test_score"])[:rows]:
         table.add_row(
             str(r["rank_test_score"]), str(r["number"]), f"{r['mean_test_score']:.5g}", f"{r['std_test_score']:.2g}",
-            *[_short(r["params"].get(n, "")) for n in names],
+            *[_short(r["params"].get(n, "")) for n in names], r["verified"],
         )
     return table
 

@@ -123,21 +123,24 @@ class CVSpec(_Strict):
 
 
 class VerificationOptions(_Strict):
-    """How results from untrusted providers are checked by re-running them on the requestor.
+    """How results from untrusted providers are checked (see the README's verification section).
 
-    A spot check re-runs ``checks_per_subtask`` random (trial, fold) evaluations of a
-    subtask and compares each fold's score and prediction fingerprint. Because it costs
-    1/(trials x folds) of the subtask, every subtask can be checked for a few percent of
-    compute, which is what catching a provider that fakes a fifth of its work needs (see
-    the README). A trial that would become the new best is re-run in full first.
+    Results are accepted at once and checked later by re-running samples of (trial, fold)
+    evaluations on another, randomly chosen provider, with the requestor as referee when
+    they disagree. ``budget`` bounds what sampled checks may cost; claimed failures and the
+    best trial are re-run on the requestor whatever it says (``verify_best``).
     """
 
-    sample_rate: float = Field(
-        default=1.0, ge=0, le=1,
-        description="Fraction of subtasks spot-checked (each provider's first always, unless 0).",
+    budget: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Most sampled-check compute as a fraction of useful compute (0 turns sampling off).",
     )
-    checks_per_subtask: int = Field(default=1, ge=1, le=100, description="(trial, fold) evaluations per spot check.")
-    verify_best: bool = Field(default=True, description="Re-run in full every trial that would become the best.")
+    verify_best: bool = Field(
+        default=True, description="Re-run claimed failures, and the best trial in full before it is reported.",
+    )
+    referee_workers: int = Field(
+        default=1, ge=1, le=64, description="Processes on the requestor that re-run disputed and final checks.",
+    )
     rel_tolerance: float = Field(default=1e-9, ge=0, le=1, description="Relative tolerance on fold scores.")
     abs_tolerance: float = Field(default=1e-12, ge=0, description="Absolute tolerance on fold scores.")
 

@@ -115,10 +115,15 @@ def make_splits(cv: CVSpec, data: Dataset) -> Splits:
 
 
 def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
-    """The trial's parameters plus its seed in every ``random_state`` left unset."""
+    """The trial's parameters plus its seed in every ``random_state`` left unset.
+
+    An explicit ``null`` (``"random_state": [null, 1]``) counts as unset: scikit-learn
+    would read it as "seed from the global generator", which makes a re-run differ from the
+    provider's run and the verifier blame an honest provider.
+    """
     params = dict(trial.params)
     for key, value in estimator.get_params(deep=True).items():
-        if (key == "random_state" or key.endswith("__random_state")) and value is None and key not in params:
+        if (key == "random_state" or key.endswith("__random_state")) and params.get(key, value) is None:
             params[key] = trial.seed
     return params
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mltask.definition import CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
 from mltask.space import Scalar
@@ -71,6 +71,16 @@ class TrialSpec(_Wire):
     number: int = Field(ge=0)
     params: Params
     seed: int = Field(ge=0, lt=2**32)
+    folds: Annotated[list[Annotated[int, Field(ge=0, lt=100)]], Field(min_length=1, max_length=100)] | None = Field(
+        default=None, description="Only these CV folds (a verification check); default every fold."
+    )
+
+    @field_validator("folds")
+    @classmethod
+    def _distinct_sorted(cls, folds: list[int] | None) -> list[int] | None:
+        if folds is not None and folds != sorted(set(folds)):
+            raise ValueError("folds must be distinct and in increasing order")
+        return folds
 
 
 class SubtaskDefinition(_Wire):
@@ -79,6 +89,14 @@ class SubtaskDefinition(_Wire):
     subtask_id: Ident
     problem: Problem
     trials: list[TrialSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _folds_exist(self) -> SubtaskDefinition:
+        folds = problem_folds(self.problem)
+        for trial in self.trials:
+            if trial.folds is not None and trial.folds[-1] >= folds:
+                raise ValueError(f"trial {trial.number} asks for fold {trial.folds[-1]}; the CV has {folds}")
+        return self
 
 
 class TrialResult(_Wire):
@@ -193,8 +211,9 @@ def check_answers(result: SubtaskResult, subtask: SubtaskDefinition) -> None:
     got = [(t.number, t.params, t.seed) for t in result.trials]
     if sent != got:
         raise ResultError("result trials differ from those sent (numbers, parameters or seeds)")
-    folds = subtask_folds(subtask)
-    for trial in result.trials:
+    all_folds = subtask_folds(subtask)
+    for sent_trial, trial in zip(subtask.trials, result.trials, strict=True):
+        folds = all_folds if sent_trial.folds is None else len(sent_trial.folds)
         if trial.status == "ok":
             if not (len(trial.fold_scores) == len(trial.fit_times) == len(trial.fold_fingerprints) == folds):
                 raise ResultError(
@@ -213,9 +232,13 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
+def problem_folds(problem: Problem) -> int:
+    """How many CV folds a trial of ``problem`` has."""
+    return 1 if problem.cv.kind == "holdout" else problem.cv.folds
+
+
 def subtask_folds(subtask: SubtaskDefinition) -> int:
-    cv = subtask.problem.cv
-    return 1 if cv.kind == "holdout" else cv.folds
+    return problem_folds(subtask.problem)
 
 
 def dumps(model: BaseModel) -> str:

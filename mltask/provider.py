@@ -106,7 +106,7 @@ def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path) -> Subtask
     check_resources(subtask.problem.resources, resources_dir)
     evaluator = evaluator_for(subtask.problem, resources_dir)
     with one_thread():
-        trials = [evaluator.evaluate(trial) for trial in subtask.trials]
+        trials = [evaluator.evaluate(trial, trial.folds) for trial in subtask.trials]
     return SubtaskResult(
         task_id=subtask.task_id,
         subtask_id=subtask.subtask_id,

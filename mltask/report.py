@@ -38,9 +38,10 @@ def plot_convergence(summary: Summary, path: Path) -> None:
 def verification_lines(v: dict) -> list[str]:
     """The verification figures, with a loud warning when the best-check was turned off."""
     lines = [
-        f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked, "
-        f"{v['unverified']} unverified; {v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; "
-        f"re-run overhead {100 * v['overhead']:.1f}% of provider compute",
+        f"- verification: {v['verified_full']} trials re-run in full, {v['verified_spot']} spot-checked by the "
+        f"requestor, {v['verified_cross']} cross-checked by another provider, {v['unverified']} unchecked; "
+        f"{v['rejected_trials']} trials rejected in {v['rejected_subtasks']} subtasks; verification overhead "
+        f"{100 * v['overhead']:.1f}% of useful compute (budget {100 * v['budget']:.0f}%)",
     ]
     if v["banned_providers"]:
         lines.append("- banned providers: " + "; ".join(f"{p} ({r})" for p, r in v["banned_providers"].items()))
@@ -82,14 +83,15 @@ def write_report(output_dir: Path, summary: Summary, notes: list[str]) -> Path:
     lines += [
         "## Leaderboard",
         "",
-        "| rank | trial | mean | std | " + " | ".join(names) + " | provider |",
-        "|---" * (5 + len(names)) + "|",
+        "| rank | trial | mean | std | " + " | ".join(names) + " | provider | verified |",
+        "|---" * (6 + len(names)) + "|",
     ]
     for r in ranked:
         mean = f"{r['mean_test_score']:.6g}" if r["mean_test_score"] is not None else r["state"]
         std = f"{r['std_test_score']:.3g}" if r["std_test_score"] is not None else ""
         values = " | ".join(repr(r["params"].get(n, "")) for n in names)
-        lines.append(f"| {r['rank_test_score']} | {r['number']} | {mean} | {std} | {values} | {r['provider']} |")
+        lines.append(f"| {r['rank_test_score']} | {r['number']} | {mean} | {std} | {values} | {r['provider']} "
+                     f"| {r['verified']} |")
     path = output_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

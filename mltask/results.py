@@ -75,27 +75,34 @@ def summarize(store: Store, status: str) -> Summary:
 
 
 def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
-    """Verified / unverified / rejected counts, bans and the re-run overhead."""
+    """How trials were verified, rejections, bans, and what verification cost.
+
+    Compute is the requestor's own measurement (the time each subtask was out, and its
+    re-runs), never a provider's claim; ``overhead`` is all verification compute, wherever
+    it ran, over the compute of the accepted search subtasks.
+    """
     trials = store.trials()
     settled = [t for t in trials if t.state in ("complete", "failed")]
     subtasks = {s["subtask_id"]: s for s in store.subtasks()}
     verdicts = store.verdicts()
     rejected = {v["subtask_id"] for v in verdicts if not v["ok"]}
-    rerun = sum(v["seconds"] for v in verdicts)
-    compute = sum(s["compute_time"] or 0.0 for s in subtasks.values())
+    compute = store.compute_seconds()
+    spent = compute["check"] + compute["requestor"]
     return {
         "verified_full": sum(t.verified == "full" for t in settled),
         "verified_spot": sum(t.verified == "spot" for t in settled),
+        "verified_cross": sum(t.verified == "cross" for t in settled),
         "unverified": sum(t.verified is None for t in settled),
         "rejected_trials": sum(len(json.loads(subtasks[s]["trial_numbers"])) for s in rejected if s in subtasks),
         "rejected_subtasks": len(rejected),
         "banned_providers": store.bans(),
         "dropped_providers": json.loads(store.meta_value("dropped") or "{}"),
-        "rerun_seconds": round(rerun, 4),
-        "provider_compute_seconds": round(compute, 4),
-        "overhead": round(rerun / compute, 4) if compute else 0.0,
+        "useful_seconds": round(compute["useful"], 4),
+        "check_seconds": round(compute["check"], 4),
+        "requestor_seconds": round(compute["requestor"], 4),
+        "overhead": round(spent / compute["useful"], 4) if compute["useful"] else 0.0,
         "best_check": options.get("verify_best", True),
-        "sample_rate": options.get("sample_rate", 1.0),
+        "budget": options.get("budget", 0.05),
     }
 
 
@@ -115,6 +122,7 @@ def _row(trial: Any) -> dict[str, Any]:
         seed=trial.seed,
         subtask=trial.subtask_id,
         provider=trial.provider,
+        verified=trial.verified or "none",
         fingerprint=result.get("fingerprint"),
         error=result.get("error"),
         params=trial.params,

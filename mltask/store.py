@@ -7,7 +7,10 @@ twice or lost. So this store is the record; the Optuna study is kept in memory a
 from it (``HyperparameterSearchTask.load``), which Optuna supports through ``add_trials``.
 
 Tables: ``meta`` (definition, problem, ids), ``trials`` (one row per Optuna trial, with the
-provider's result once accepted), ``subtasks`` (one row per batch sent, with its outcome).
+provider's result once accepted), ``subtasks`` (one row per batch sent, search or check, with
+its outcome and the seconds it was out as the requestor measured them), ``checks`` (each
+verification planned, until it resolves), ``verdicts`` (each check that ran: where, on
+which (trial, fold) units, with what outcome), ``bans``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any
 
 from mltask.errors import TaskError
 
-SCHEMA_VERSION = 1
-_TABLES = ("meta", "trials", "subtasks", "verdicts", "bans")
+SCHEMA_VERSION = 2
+_TABLES = ("meta", "trials", "subtasks", "checks", "verdicts", "bans")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -39,7 +42,7 @@ CREATE TABLE IF NOT EXISTS trials (
     subtask_id TEXT,
     provider TEXT,
     finished_at REAL,
-    verified TEXT CHECK (verified IN ('full', 'spot'))
+    verified TEXT CHECK (verified IN ('full', 'spot', 'cross'))
 );
 CREATE TABLE IF NOT EXISTS subtasks (
     subtask_id TEXT PRIMARY KEY,
@@ -47,17 +50,31 @@ CREATE TABLE IF NOT EXISTS subtasks (
     trial_numbers TEXT NOT NULL,
     provider TEXT NOT NULL,
     attempt INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'rejected', 'failed', 'discarded')),
+    purpose TEXT NOT NULL CHECK (purpose IN ('search', 'check')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'accepted', 'checked', 'rejected', 'failed', 'discarded')),
     reason TEXT,
     compute_time REAL,
+    seconds_out REAL,
     environment TEXT,
     created_at REAL NOT NULL,
     finished_at REAL
 );
-CREATE TABLE IF NOT EXISTS verdicts (
+CREATE TABLE IF NOT EXISTS checks (
     id INTEGER PRIMARY KEY,
     subtask_id TEXT NOT NULL,
     provider TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    units TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('planned', 'passed', 'failed', 'cancelled')),
+    created_at REAL NOT NULL,
+    resolved_at REAL
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY,
+    check_id INTEGER,
+    subtask_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    by TEXT NOT NULL,
     ok INTEGER NOT NULL,
     kind TEXT NOT NULL,
     checked TEXT NOT NULL,
@@ -143,13 +160,17 @@ class Store:
                 check = probe.execute("PRAGMA quick_check").fetchone()
                 if check is None or check[0] != "ok":
                     raise sqlite3.DatabaseError(check[0] if check else "integrity check failed")
-                for table in _TABLES:  # a file that is SQLite but not ours fails here
-                    probe.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                # A file that is SQLite but not ours fails here; an older task's says its version.
                 version = probe.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if version is not None and version[0] == str(SCHEMA_VERSION):
+                    for table in _TABLES:
+                        probe.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
             finally:
                 probe.close()
-        if version is None or int(version[0]) != SCHEMA_VERSION:
-            raise TaskError(str(path), "the task state has an unknown schema version; use the mltask that created it")
+        if version is None or version[0] != str(SCHEMA_VERSION):
+            raise TaskError(str(path), f"the task state has schema version {version[0] if version else 'none'}, this "
+                            f"mltask reads version {SCHEMA_VERSION}; finish the task with the mltask that created it, "
+                            "or start a new task")
         return cls(_connect(path), path)
 
     def close(self) -> None:
@@ -189,8 +210,13 @@ class Store:
         attempt: int,
         trial_numbers: list[int],
         new_trials: list[tuple[int, dict[str, Any], int, dict[str, Any]]],
+        purpose: str = "search",
     ) -> None:
-        """Record a subtask as sent, together with the trials it asks for the first time."""
+        """Record a subtask as sent, together with the trials it asks for the first time.
+
+        ``purpose`` is 'search' (its trials enter the study) or 'check' (it re-runs folds of
+        trials another provider reported; its answer is only compared).
+        """
         now = time.time()
         with self.transaction() as cur:
             cur.executemany(
@@ -198,9 +224,9 @@ class Store:
                 [(n, json.dumps(p), s, json.dumps(a)) for n, p, s, a in new_trials],
             )
             cur.execute(
-                "INSERT INTO subtasks (subtask_id, seq, trial_numbers, provider, attempt, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                (subtask_id, seq, json.dumps(trial_numbers), provider, attempt, now),
+                "INSERT INTO subtasks (subtask_id, seq, trial_numbers, provider, attempt, purpose, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (subtask_id, seq, json.dumps(trial_numbers), provider, attempt, purpose, now),
             )
 
     def settle_subtask(
@@ -213,18 +239,22 @@ class Store:
         compute_time: float | None = None,
         environment: dict[str, Any] | None = None,
         verified: dict[int, str] | None = None,
+        seconds_out: float | None = None,
     ) -> None:
         """Close a subtask and, if it was accepted, its trials: ``(number, state, value, result)``.
 
-        ``verified`` maps trial numbers to how they were verified ('full' or 'spot').
+        ``verified`` maps trial numbers to how they were verified ('full', 'spot' or 'cross');
+        ``seconds_out`` is how long the subtask was out, submit to answer, as the requestor
+        measured it (the provider's own ``compute_time`` is kept but never trusted).
         """
         verified = verified or {}
         now = time.time()
         with self.transaction() as cur:
             cur.execute(
-                "UPDATE subtasks SET state = ?, reason = ?, compute_time = ?, environment = ?, finished_at = ?"
-                " WHERE subtask_id = ?",
-                (state, reason, compute_time, json.dumps(environment) if environment else None, now, subtask_id),
+                "UPDATE subtasks SET state = ?, reason = ?, compute_time = ?, environment = ?, finished_at = ?,"
+                " seconds_out = coalesce(?, seconds_out) WHERE subtask_id = ?",
+                (state, reason, compute_time, json.dumps(environment) if environment else None, now, seconds_out,
+                 subtask_id),
             )
             provider = cur.execute("SELECT provider FROM subtasks WHERE subtask_id = ?", (subtask_id,)).fetchone()
             cur.executemany(
@@ -233,17 +263,66 @@ class Store:
                 [(s, v, json.dumps(r), subtask_id, provider[0], now, verified.get(n), n) for n, s, v, r in trials],
             )
 
+    def set_seconds_out(self, subtask_id: str, seconds: float) -> None:
+        """Record how long a subtask was out (for answers that are settled elsewhere)."""
+        with self.transaction() as cur:
+            cur.execute("UPDATE subtasks SET seconds_out = ? WHERE subtask_id = ?", (seconds, subtask_id))
+
     def add_verdict(self, subtask_id: str, provider: str, ok: bool, kind: str, checked: list, reason: str | None,
-                    seconds: float) -> None:
+                    seconds: float, *, by: str = "requestor", check_id: int | None = None) -> None:
+        """One check that ran: of ``provider``'s ``subtask_id``, on ``checked`` units, run ``by`` whom.
+
+        ``by`` is the provider that re-ran the units in a check subtask, or 'requestor';
+        ``seconds`` is the compute it cost (the check subtask's time out, or the requestor's
+        measured re-run time).
+        """
         with self.transaction() as cur:
             cur.execute(
-                "INSERT INTO verdicts (subtask_id, provider, ok, kind, checked, reason, seconds, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (subtask_id, provider, int(ok), kind, json.dumps(checked), reason, seconds, time.time()),
+                "INSERT INTO verdicts (check_id, subtask_id, provider, by, ok, kind, checked, reason, seconds, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (check_id, subtask_id, provider, by, int(ok), kind, json.dumps(checked), reason, seconds, time.time()),
             )
 
     def verdicts(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM verdicts ORDER BY id")
+
+    def add_check(self, subtask_id: str, provider: str, kind: str, units: list) -> int:
+        """Plan a check of ``provider``'s ``subtask_id``; kept until it resolves, across a resume."""
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO checks (subtask_id, provider, kind, units, state, created_at)"
+                " VALUES (?, ?, ?, ?, 'planned', ?)",
+                (subtask_id, provider, kind, json.dumps(units), time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def resolve_check(self, check_id: int, state: str) -> None:
+        """Close a planned check: 'passed', 'failed' or 'cancelled'."""
+        with self.transaction() as cur:
+            cur.execute("UPDATE checks SET state = ?, resolved_at = ? WHERE id = ? AND state = 'planned'",
+                        (state, time.time(), check_id))
+
+    def checks(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Planned and resolved checks, oldest first (only those in ``state`` if given)."""
+        rows = self._dicts("SELECT * FROM checks ORDER BY id")
+        for row in rows:
+            row["units"] = [tuple(u) for u in json.loads(row["units"])]
+        return [r for r in rows if state is None or r["state"] == state]
+
+    def compute_seconds(self) -> dict[str, float]:
+        """Compute by purpose, all measured by the requestor (never the providers' own figures).
+
+        ``useful``: accepted search subtasks' time out; ``check``: every check subtask's time
+        out (whatever became of it); ``requestor``: the requestor's own re-runs.
+        """
+        (useful,), (check,), (requestor,) = (
+            self._conn.execute(query).fetchone() for query in (
+                "SELECT coalesce(sum(seconds_out), 0) FROM subtasks WHERE purpose = 'search' AND state = 'accepted'",
+                "SELECT coalesce(sum(seconds_out), 0) FROM subtasks WHERE purpose = 'check'",
+                "SELECT coalesce(sum(seconds), 0) FROM verdicts WHERE by = 'requestor'",
+            )
+        )
+        return {"useful": float(useful), "check": float(check), "requestor": float(requestor)}
 
     def ban(self, provider: str, reason: str, *, reopen: bool) -> list[str]:
         """Ban ``provider``; with ``reopen``, reopen all it had accepted and return those subtask ids.
@@ -265,6 +344,8 @@ class Store:
                 " provider = NULL, finished_at = NULL, verified = NULL WHERE subtask_id = ?",
                 [(sid,) for sid in reopened],
             )
+            cur.execute("UPDATE checks SET state = 'cancelled', resolved_at = ? WHERE provider = ?"
+                        " AND state = 'planned'", (time.time(), provider))
         return reopened
 
     def bans(self) -> dict[str, str]:
@@ -276,9 +357,17 @@ class Store:
     def trial(self, number: int) -> TrialRow:
         return self._trial_rows("WHERE number = ?", (number,))[0]
 
-    def set_verified(self, number: int, how: str) -> None:
+    def set_verified(self, number: int, how: str, subtask_id: str | None = None) -> None:
+        """Mark a trial verified ('cross' < 'spot' < 'full'), never downgrading it.
+
+        With ``subtask_id``, only while the trial still holds that subtask's result.
+        """
         with self.transaction() as cur:
-            cur.execute("UPDATE trials SET verified = ? WHERE number = ?", (how, number))
+            cur.execute(
+                "UPDATE trials SET verified = ? WHERE number = ? AND state != 'running' AND (? IS NULL OR"
+                " subtask_id = ?) AND coalesce(instr('cross spot full', verified), 0) <= instr('cross spot full', ?)",
+                (how, number, subtask_id, subtask_id, how),
+            )
 
     def _trial_rows(self, where: str, args: tuple[Any, ...] = ()) -> list[TrialRow]:
         rows = self._conn.execute(
@@ -290,8 +379,10 @@ class Store:
             for n, p, s, a, st, v, r, sid, prov, fin, ver in rows
         ]
 
-    def subtasks(self) -> list[dict[str, Any]]:
-        return self._dicts("SELECT * FROM subtasks ORDER BY seq, created_at")
+    def subtasks(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Subtasks in the order sent; only 'search' or 'check' ones if ``purpose`` is given."""
+        rows = self._dicts("SELECT * FROM subtasks ORDER BY seq, created_at")
+        return [r for r in rows if purpose is None or r["purpose"] == purpose]
 
     def _dicts(self, query: str) -> list[dict[str, Any]]:
         cur = self._conn.execute(query)

@@ -167,6 +167,7 @@ class HyperparameterSearchTask:
         problem = Problem.model_validate_json(meta["problem"])
         n_trials = int(meta["n_trials"])
         rows, subtasks, bans = store.trials(), store.subtasks(), store.bans()
+        searches = [sub for sub in subtasks if sub["purpose"] == "search"]
         if update is not None:
             definition, n_trials = compatible_update(definition, update, n_trials)
         from mltask.provider import check_resources
@@ -191,7 +192,7 @@ class HyperparameterSearchTask:
         task._asked = len(rows)
         task._sent = max((sub["seq"] for sub in subtasks), default=0)
         first_batch: dict[int, str] = {}
-        for sub in subtasks:
+        for sub in searches:
             for n in json.loads(sub["trial_numbers"]):
                 first_batch.setdefault(n, sub["subtask_id"])
         task._batches = len(set(first_batch.values()))
@@ -270,10 +271,14 @@ class HyperparameterSearchTask:
 
     # -- taking results back --------------------------------------------------------------
 
-    def accept(self, result: SubtaskResult, verified: dict[int, str] | None = None) -> bool:
-        """Record a checked result and tell the sampler; ``False`` if it was not awaited.
+    def accept(self, result: SubtaskResult, verified: dict[int, str] | None = None,
+               seconds_out: float | None = None) -> bool:
+        """Record a well-formed result and tell the sampler; ``False`` if it was not awaited.
 
-        ``verified`` says which trials the verifier re-ran ('full' or 'spot').
+        Acceptance is optimistic: the verifier checks samples later and, if one fails, bans
+        the provider, which takes everything it reported out of the study again.
+        ``verified`` says which trials were already verified ('full', 'spot' or 'cross');
+        ``seconds_out`` is the time the subtask was out, measured by the requestor.
         """
         entry = self._pending.pop(result.subtask_id, None)
         if entry is None:
@@ -284,7 +289,7 @@ class HyperparameterSearchTask:
         ]
         self.store.settle_subtask(
             result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
-            environment=result.environment.model_dump(), verified=verified,
+            environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out,
         )
         for t in result.trials:
             self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
@@ -367,9 +372,33 @@ class HyperparameterSearchTask:
         number = self._progress.best_number
         return None if number is None else self.store.trial(number)
 
-    def mark_verified(self, number: int) -> None:
-        """Record that the verifier re-ran every fold of trial ``number`` and agreed."""
-        self.store.set_verified(number, "full")
+    def mark_verified(self, number: int, how: str = "full", subtask_id: str | None = None) -> None:
+        """Record that trial ``number`` survived a check: re-run in 'full', 'spot' or 'cross'.
+
+        With ``subtask_id`` only while the trial still holds that subtask's result (a ban may
+        have reopened it since the check was planned). A weaker check never overwrites a
+        stronger one.
+        """
+        self.store.set_verified(number, how, subtask_id)
+
+    def check_subtask(self, provider_id: str, trials: list[TrialSpec]) -> SubtaskDefinition:
+        """A subtask that re-runs ``trials`` (usually some folds only) to check another provider.
+
+        Numbered from the same sequence as search subtasks, so its id says nothing; it
+        never touches the study.
+        """
+        self._sent += 1
+        subtask = SubtaskDefinition(
+            task_id=self.task_id, subtask_id=f"s{self._sent:06d}", problem=self.problem, trials=trials
+        )
+        self.store.add_subtask(subtask.subtask_id, self._sent, provider_id, 1, [t.number for t in trials], [],
+                               purpose="check")
+        return subtask
+
+    def settle_check(self, subtask_id: str, state: str, reason: str | None = None,
+                     seconds_out: float | None = None) -> None:
+        """Close a check subtask: 'checked' (its answer was compared), 'rejected' or 'discarded'."""
+        self.store.settle_subtask(subtask_id, state, reason=reason, seconds_out=seconds_out)
 
     def is_banned(self, provider: str) -> bool:
         """Whether ``provider`` was banned for wrong results or dropped for failing."""
@@ -385,7 +414,7 @@ class HyperparameterSearchTask:
         if not running:
             return
         last_batch: dict[int, tuple[int, tuple[int, ...]]] = {}
-        for sub in self.store.subtasks():
+        for sub in self.store.subtasks("search"):
             numbers = tuple(json.loads(sub["trial_numbers"]))
             for n in numbers:
                 if n in running:
@@ -396,7 +425,7 @@ class HyperparameterSearchTask:
 
     def record_verdict(self, verdict: Any) -> None:
         self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
-                               verdict.reason, verdict.seconds)
+                               verdict.reason, verdict.seconds, by=verdict.by, check_id=verdict.check_id)
 
     def _rebuild_study(self, rows: list[Any]) -> None:
         space = self.definition.options.search_space

@@ -1,24 +1,43 @@
-"""Verification: re-run samples of untrusted results on the requestor and compare.
+"""Verification: accept results at once, check samples of them later, elsewhere, unpredictably.
 
-Providers may skip training and invent scores, inflate a score to win, or return garbage.
-The schema and :func:`mltask.protocol.check_answers` catch garbage; this module catches
-lies, by re-running work through the same :class:`~mltask.problem.TrialEvaluator` a
-provider uses, on the requestor (trusted), and comparing fold by fold:
+Providers may skip training and invent scores, inflate a score to win, lower or hide good
+configurations (sabotage), or return garbage; they may have read this code. The schema and
+:func:`mltask.protocol.check_answers` catch garbage. This module catches lies by having
+samples of the work re-run, fold by fold, through the same
+:class:`~mltask.problem.TrialEvaluator` a provider uses, and comparing each fold's score
+(within tolerance) and its prediction fingerprint.
 
-- *best check*: a faked high score is the attack that changes the outcome, so it is never
-  left to sampling. A trial that would become the new best gets one random fold re-run
-  at once (a blatant fake is caught before the sampler learns from it), and the best
-  trial is re-run in full (:meth:`Verifier.check_best`: every fold score within
-  tolerance, every fold's prediction fingerprint equal) before it is reported; if that
-  fails the provider is banned and the search goes on without its results.
-- *spot check*: each provider's first subtask, then a ``sample_rate`` fraction of the rest,
-  get ``checks_per_subtask`` random (trial, fold) evaluations re-run. A fold costs
-  1/(trials x folds) of its subtask, which is what makes checking most subtasks cheap.
-- a trial the provider says failed must fail on the re-run too.
+**Off the dispatch path.** :meth:`Verifier.settle` does only the cheap checks (versions,
+score range) and accepts a well-formed result at once: the sampler learns from it and the
+trials count as verified ``none``. It then asks :class:`~mltask.check_policy.CheckPolicy`
+for a plan. Checks run later, beside the loop, and never block handing out or collecting:
 
-Re-running every new best in full as it arrives cost 10-17% of provider compute on the
-templates (a search improves its best several times); one fold at once plus one full
-re-run at the end gives the same guarantee for the reported best at about a third.
+- ``cross``: a *check subtask* (the trials with ``folds`` set; numbered like any subtask)
+  goes to another provider, chosen uniformly at random among the non-banned ones, as an
+  ordinary subtask through the same backend. Agreement marks the trials ``cross``. If the
+  chosen provider is not idle within a patience (twice the typical time a subtask is out),
+  any other idle one may take it; if none does for three patiences, or there is no other
+  provider, the requestor runs it.
+- the **requestor as referee** (:mod:`mltask.referee`, a bounded process pool the loop
+  polls): on any disagreement (who is wrong?), for every claimed failure, and for the best
+  trial, re-run in full before it is reported (the task is finished only when every search
+  trial is settled, every planned check has resolved and the best has passed).
+- before the referee blames anyone it re-runs a second time: if its own two runs differ,
+  the training is not deterministic given its seed and no provider can be judged; the task
+  stops with a :class:`~mltask.errors.TaskError` saying so, and nobody is banned.
+
+A failed check bans the provider and reopens everything it reported (``task.ban``); a
+checker that contradicts an honest result is banned the same way.
+
+**Unpredictable.** Every choice (which subtasks, which trials and folds, which checker) is
+drawn from ``secrets.SystemRandom()``, never from the task seed. Trial seeds and CV splits
+are still derived from the task seed, so the same task file gives the same scores in
+separate runs (users expect it; the resume and chaos tests rely on it). That is safe
+because no check decision depends on anything a provider sees: a provider that recovers
+the task seed from its trial seeds, or reads it as the default CV seed, can compute the
+trials, but learns nothing about which of its results will be checked; replaying the
+verifier needs the OS generator's state. A check subtask tells its checker it is checking,
+but the checked provider has already answered by then.
 
 Determinism (seeded splits, per-trial seeds, one BLAS thread) makes an honest re-run
 reproduce the provider's numbers bit for bit on the same versions, so the default
@@ -28,14 +47,35 @@ tolerance is tight and honest results are never rejected.
 from __future__ import annotations
 
 import math
-import random
+import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from statistics import median
+from typing import TYPE_CHECKING, Any
 
-from mltask.definition import VerificationOptions
-from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialResult, TrialSpec, subtask_folds
-from mltask.provider import check_resources, environment, evaluator_for, one_thread
+from mltask.check_policy import CheckPolicy, Unit
+from mltask.errors import TaskError
+from mltask.protocol import (
+    MissingResult,
+    ResultError,
+    SubtaskDefinition,
+    SubtaskResult,
+    TrialResult,
+    TrialSpec,
+    problem_folds,
+    read_result,
+)
+from mltask.provider import environment
+from mltask.referee import Referee, RefereePool
+
+if TYPE_CHECKING:
+    from mltask.backends.base import Completion
+    from mltask.store import TrialRow
+    from mltask.task import HyperparameterSearchTask
+
+REQUESTOR = "requestor"
+EXCHANGEABLE = ("random", "qmc", "grid")  # samplers whose proposals do not depend on who reports what
+_CROSS_ATTEMPTS = 2  # check subtasks lost to faults before the requestor runs the check
 
 # Scores a scorer can produce; a claim outside is a lie without re-running anything.
 _UNIT_INTERVAL = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc", "jaccard",
@@ -57,43 +97,177 @@ def score_range(scoring: str | None) -> tuple[float, float]:
 
 @dataclass
 class Verdict:
-    """What was compared for one subtask, and whether it held."""
+    """One check that ran (or a structural finding), and whether it held."""
 
     subtask_id: str
     provider: str
     ok: bool
-    kind: str  # "structure", "version", "best", "spot" or "none"
-    checked: list[tuple[int, int | None]] = field(default_factory=list)  # (trial, fold or None = all)
+    kind: str  # "structure", "version", "spot", "failure" or "best"
+    checked: list[Unit] = field(default_factory=list)
     reason: str | None = None
     seconds: float = 0.0
+    by: str = REQUESTOR  # where it ran: a provider's name or the requestor
+    check_id: int | None = None
 
-    @property
-    def fully_verified(self) -> set[int]:
-        return {trial for trial, fold in self.checked if fold is None}
 
-    @property
-    def spot_verified(self) -> set[int]:
-        return {trial for trial, _ in self.checked}
+@dataclass
+class _Check:
+    """A planned check of one accepted subtask, until it resolves."""
+
+    id: int
+    subtask_id: str
+    provider: str
+    kind: str  # "spot", "failure" or "best"
+    units: list[Unit]
+    specs: dict[int, TrialSpec]
+    claims: dict[int, TrialResult]
+    estimate: float
+    planned_at: float
+    assignee: str | None = None
+    out: str | None = None  # the check subtask's id while a provider runs it
+    checker: str | None = None
+    answer: dict[int, TrialResult] | None = None  # the checker's
+    answered_in: str | None = None  # the check subtask that brought the answer
+    attempts: int = 0
+    referee: list[dict[int, TrialResult]] = field(default_factory=list)  # the requestor's runs
+    referee_seconds: float = 0.0
+    awaiting: set[int] = field(default_factory=set)  # trial numbers the referee is re-running
+
+    def trials(self) -> list[TrialSpec]:
+        """The units as trials: each with its folds (``None``: every fold)."""
+        folds: dict[int, list[int] | None] = {}
+        for number, fold in self.units:
+            if fold is None or folds.get(number, []) is None:
+                folds[number] = None
+            else:
+                folds.setdefault(number, []).append(fold)
+        return [self.specs[n].model_copy(update={"folds": None if f is None else sorted(f)}) for n, f in folds.items()]
 
 
 class Verifier:
-    """Decides what to re-run, re-runs it on the requestor, and compares."""
+    """Decides what to check, has it checked elsewhere, compares, and bans liars."""
 
-    def __init__(self, problem: Problem, resources_dir: Path, options: VerificationOptions, seed: int,
-                 direction: str) -> None:
-        self.problem = problem
-        self.resources_dir = resources_dir
-        self.options = options
-        self.direction = direction
-        self._rng = random.Random(seed)
-        self._low, self._high = score_range(problem.scoring)
-        self.seen_providers: set[str] = set()
-        self.rerun_seconds = 0.0
+    def __init__(self, task: HyperparameterSearchTask, referee: Referee | None = None, *,
+                 clock: Any = time.monotonic) -> None:
+        opts = task.definition.options
+        self.task = task
+        self.options = opts.verification
+        self.clock = clock
+        self.rng = secrets.SystemRandom()
+        self.folds = problem_folds(task.problem)
+        self.policy = CheckPolicy(
+            budget=self.options.budget, direction=task.direction, space=opts.search_space, folds=self.folds,
+            exchangeable=opts.algorithm in EXCHANGEABLE, verify_failures=self.options.verify_best,
+            expected_subtasks=task.subtasks_count, rng=self.rng,
+        )
+        self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)
+        self._low, self._high = score_range(task.problem.scoring)
+        self._checks: dict[int, _Check] = {}
+        self._out: dict[str, _Check] = {}  # check subtask id -> check
+        self._providers: set[str] = set()
+        self._durations: list[float] = []  # recent search subtasks' time out, for the patience
+        self._best: int | None = None  # check id of the pending best re-run
+        self._resume()
 
-    def check(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str,
-              best: float | None) -> Verdict:
-        """Verify ``result`` (already schema- and answer-checked) against re-runs."""
-        verdict = Verdict(subtask.subtask_id, provider, ok=True, kind="none")
+    # -- the scheduler's interface --------------------------------------------------------
+
+    def saw(self, provider: str) -> None:
+        """A provider the backend offers (idle now); checks may be sent to it."""
+        self._providers.add(provider)
+
+    def owns(self, subtask_id: str) -> bool:
+        """Whether ``subtask_id`` is a check subtask (its completion goes to :meth:`collect`)."""
+        return subtask_id in self._out
+
+    def busy(self) -> bool:
+        """Whether any planned check has not resolved yet."""
+        return bool(self._checks)
+
+    def next_check(self, provider: str) -> SubtaskDefinition | None:
+        """A check subtask for idle ``provider``, if one is waiting for it."""
+        now = self.clock()
+        patience = self._patience()
+        for check in self._checks.values():
+            if check.out is not None or check.awaiting or check.kind != "spot" or check.provider == provider:
+                continue
+            if check.assignee is None or self.task.is_banned(check.assignee):
+                check.assignee = self._pick_checker(check)
+            if check.assignee == provider or (check.assignee is not None and now - check.planned_at > patience):
+                subtask = self.task.check_subtask(provider, check.trials())
+                check.out, check.checker = subtask.subtask_id, provider
+                self._out[subtask.subtask_id] = check
+                return subtask
+        return None
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Collect the referee's re-runs (waiting up to ``timeout`` s); start the checks it owes."""
+        now = self.clock()
+        patience = self._patience()
+        for check in list(self._checks.values()):
+            if check.awaiting or check.out is not None:
+                continue
+            if check.kind == "spot" and check.assignee is None:
+                check.assignee = self._pick_checker(check)
+            waited = now - check.planned_at
+            if check.kind != "spot" or waited > 3 * patience or (check.assignee is None and waited > patience):
+                self._to_referee(check)
+        for (check_id, number), result, seconds in self.referee.poll(timeout):
+            check = self._checks.get(check_id)
+            if check is None:  # cancelled meanwhile: the compute was still spent
+                self.policy.charge(seconds, 0.0, 0)
+                continue
+            check.referee_seconds += seconds
+            self.policy.charge(seconds, check.estimate, 0)
+            check.estimate = 0.0
+            self._referee_answer(check, number, result)
+
+    def close(self) -> None:
+        self.referee.close()
+
+    # -- settling a search subtask --------------------------------------------------------
+
+    def settle(self, completion: Completion, seconds_out: float) -> None:
+        """Accept a subtask's result at once if it is awaited and well-formed, and plan its checks."""
+        task = self.task
+        subtask_id, provider = completion.subtask.subtask_id, completion.provider
+        subtask = task.pending(subtask_id)
+        if subtask is None:
+            return  # a late answer to a subtask already settled: never counted twice
+        self.saw(provider)
+        if task.is_banned(provider):
+            task.reject(subtask_id, f"{provider} is banned")
+            return
+        if completion.error or completion.output_dir is None:
+            task.store.set_seconds_out(subtask_id, seconds_out)
+            task.reject(subtask_id, f"{provider}: {completion.error or 'no output'}", fault=True)
+            return
+        try:
+            result = read_result(completion.output_dir, subtask)
+        except MissingResult as exc:
+            task.store.set_seconds_out(subtask_id, seconds_out)
+            task.reject(subtask_id, f"{provider}: {exc}", fault=True)
+            return
+        except ResultError as exc:  # an honest provider always writes our schema
+            verdict = Verdict(subtask_id, provider, ok=False, kind="structure", reason=str(exc))
+        else:
+            verdict = self.inspect(subtask_id, result, provider)
+        if not verdict.ok:
+            task.record_verdict(verdict)
+            task.store.set_seconds_out(subtask_id, seconds_out)
+            task.reject(subtask_id, f"{provider}: {verdict.reason}")
+            if verdict.kind == "version":  # an outdated image, not a cheat: drop it, keep its work
+                task.drop(provider, verdict.reason or "other versions")
+            else:
+                self._ban(provider, verdict.reason or "wrong result")
+            return
+        task.accept(result, seconds_out=seconds_out)
+        self._durations = ([*self._durations, seconds_out])[-50:]
+        for plan in self.policy.plan(provider, result.trials, seconds_out, len(self._providers)):
+            self._plan(subtask, result, provider, plan.kind, plan.units)
+
+    def inspect(self, subtask_id: str, result: SubtaskResult, provider: str) -> Verdict:
+        """The synchronous checks: comparable versions, every score within the scorer's range."""
+        verdict = Verdict(subtask_id, provider, ok=True, kind="none", by=provider)
         mismatch = environment().mismatch(result.environment)
         if mismatch:  # bit-for-bit comparison needs the same versions; not a lie, but unusable
             verdict.ok, verdict.kind = False, "version"
@@ -105,80 +279,222 @@ class Verifier:
                 verdict.ok, verdict.kind = False, "structure"
                 verdict.reason = f"trial {trial.number}: a fold score lies outside [{self._low}, {self._high}]"
                 return verdict
-        started = time.perf_counter()
-        plan = self._plan(subtask, result, provider, best)
-        if plan:
-            verdict.kind = "spot"
-            verdict.checked = plan
-            verdict.reason = self._rerun(
-                {t.number: t for t in subtask.trials}, {t.number: t for t in result.trials}, plan
-            )
-            verdict.ok = verdict.reason is None
-        verdict.seconds = time.perf_counter() - started
-        self.rerun_seconds += verdict.seconds
         return verdict
 
-    def _plan(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str,
-              best: float | None) -> list[tuple[int, int | None]]:
-        """Which (trial, fold) to re-run; fold ``None`` means every fold."""
-        folds = subtask_folds(subtask)
-        first = provider not in self.seen_providers
-        self.seen_providers.add(provider)
-        contender = self._would_be_best(result.trials, best) if self.options.verify_best else None
-        if contender is not None:
-            return [(contender.number, self._rng.randrange(folds))]
-        rate = self.options.sample_rate
-        if rate == 0 or not (first or self._rng.random() < rate):
-            return []
-        units = [(t.number, f) for t in result.trials for f in range(folds)]
-        plan: list[tuple[int, int | None]] = []
-        for number, fold in self._rng.sample(units, min(self.options.checks_per_subtask, len(units))):
-            failed = next(t for t in result.trials if t.number == number).status == "failed"
-            plan.append((number, None if failed else fold))  # a claimed failure is re-run whole
-        return plan
+    # -- the best trial -------------------------------------------------------------------
 
-    def check_best(self, trial: TrialSpec, claim: TrialResult, subtask_id: str, provider: str) -> Verdict:
-        """Re-run the best trial in full before it is reported as the result of the search."""
-        started = time.perf_counter()
-        reason = self._rerun({trial.number: trial}, {trial.number: claim}, [(trial.number, None)])
-        seconds = time.perf_counter() - started
-        self.rerun_seconds += seconds
-        return Verdict(subtask_id, provider, ok=reason is None, kind="best", checked=[(trial.number, None)],
-                       reason=reason, seconds=seconds)
+    def best_verified(self) -> bool:
+        """Whether the best trial has passed a full re-run; starts that re-run if not."""
+        row = self.task.best_trial()
+        if row is None or row.verified == "full" or not self.options.verify_best:
+            return True
+        if self._best is None or self._best not in self._checks:
+            self._best = self._plan_row(row, "best", [(row.number, None)]).id
+        return False
 
-    def _would_be_best(self, trials: list[TrialResult], best: float | None) -> TrialResult | None:
-        ok = [t for t in trials if t.status == "ok" and t.mean_score is not None]
-        if not ok:
+    # -- internals ------------------------------------------------------------------------
+
+    def _plan(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str, kind: str,
+              units: list[Unit]) -> _Check:
+        numbers = {n for n, _ in units}
+        specs = {t.number: t for t in subtask.trials if t.number in numbers}
+        claims = {t.number: t for t in result.trials if t.number in numbers}
+        return self._add(subtask.subtask_id, provider, kind, units, specs, claims)
+
+    def _plan_row(self, row: TrialRow, kind: str, units: list[Unit]) -> _Check:
+        assert row.result is not None and row.subtask_id is not None and row.provider is not None
+        spec = TrialSpec(number=row.number, params=row.params, seed=row.seed)
+        claim = TrialResult.model_validate(row.result)
+        return self._add(row.subtask_id, row.provider, kind, units, {row.number: spec}, {row.number: claim})
+
+    def _add(self, subtask_id: str, provider: str, kind: str, units: list[Unit], specs: dict[int, TrialSpec],
+             claims: dict[int, TrialResult], check_id: int | None = None) -> _Check:
+        if check_id is None:
+            check_id = self.task.store.add_check(subtask_id, provider, kind, units)
+        estimate = 0.0 if kind == "best" else self.policy.estimate(units)  # the policy committed the others
+        check = _Check(check_id, subtask_id, provider, kind, units, specs, claims, estimate, self.clock())
+        if kind == "spot":
+            check.assignee = self._pick_checker(check)
+        self._checks[check_id] = check
+        return check
+
+    def _resume(self) -> None:
+        """Checks planned before a stop are planned again; providers' trust is rebuilt."""
+        store = self.task.store
+        for verdict in store.verdicts():
+            if verdict["ok"] and verdict["kind"] == "spot":
+                self.policy.passed(verdict["provider"])
+        for sub in store.subtasks("search"):
+            if sub["state"] == "accepted":
+                self.policy.provider(sub["provider"]).accepted += 1
+        rows = {r.number: r for r in store.trials()}
+        for planned in store.checks("planned"):
+            units = planned["units"]
+            live = [rows[n] for n in {n for n, _ in units}]
+            if any(r.subtask_id != planned["subtask_id"] or r.result is None for r in live):
+                store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
+                continue
+            specs = {r.number: TrialSpec(number=r.number, params=r.params, seed=r.seed) for r in live}
+            claims = {r.number: TrialResult.model_validate(r.result) for r in live}
+            self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
+                      planned["id"])
+
+    def _pick_checker(self, check: _Check) -> str | None:
+        eligible = sorted(p for p in self._providers if p != check.provider and not self.task.is_banned(p))
+        return self.rng.choice(eligible) if eligible else None
+
+    def _patience(self) -> float:
+        """How long a check waits for its chosen checker: twice a typical subtask's time out."""
+        typical = median(self._durations) if self._durations else 1.0
+        return min(float(self.task.definition.subtask_timeout_seconds), max(1.0, 2 * typical))
+
+    def collect(self, completion: Completion, seconds_out: float) -> None:
+        """A check subtask came back: compare it with the claim, or hand the check on."""
+        subtask_id, checker = completion.subtask.subtask_id, completion.provider
+        check = self._out.pop(subtask_id)
+        check.out = None
+        if check.id not in self._checks:  # cancelled meanwhile (its provider was banned)
+            self.task.settle_check(subtask_id, "discarded", "the checked provider was banned", seconds_out)
+            self.policy.charge(seconds_out, 0.0, 0)
+            return
+        units = sum(self.folds if f is None else 1 for _, f in check.units)
+        self.policy.charge(seconds_out, check.estimate, units)
+        check.estimate = 0.0
+        if self.task.is_banned(checker):
+            return self._retry(check, subtask_id, f"{checker} is banned", seconds_out)
+        if completion.error or completion.output_dir is None:
+            return self._retry(check, subtask_id, f"{checker}: {completion.error or 'no output'}", seconds_out)
+        try:
+            answer = read_result(completion.output_dir, completion.subtask)
+        except MissingResult as exc:
+            return self._retry(check, subtask_id, f"{checker}: {exc}", seconds_out)
+        except ResultError as exc:
+            verdict = Verdict(subtask_id, checker, ok=False, kind="structure", reason=str(exc), by=checker)
+        else:
+            verdict = self.inspect(subtask_id, answer, checker)
+        if not verdict.ok:
+            self.task.record_verdict(verdict)
+            self.task.settle_check(subtask_id, "rejected", f"{checker}: {verdict.reason}", seconds_out)
+            if verdict.kind == "version":
+                self.task.drop(checker, verdict.reason or "other versions")
+            else:
+                self._ban(checker, verdict.reason or "wrong result")
+            check.assignee, check.planned_at = None, self.clock()
             return None
-        sign = 1.0 if self.direction == "maximize" else -1.0
-        top = max(ok, key=lambda t: sign * t.mean_score)
-        return top if best is None or sign * top.mean_score > sign * best else None
-
-    def _rerun(self, specs: dict[int, TrialSpec], claimed: dict[int, TrialResult],
-               plan: list[tuple[int, int | None]]) -> str | None:
-        """Re-run ``plan`` on the requestor; the first disagreement with the claims, or ``None``."""
-        check_resources(self.problem.resources, self.resources_dir)
-        evaluator = evaluator_for(self.problem, self.resources_dir)
-        with one_thread():
-            for number, fold in plan:
-                folds = None if fold is None else [fold]
-                honest = evaluator.evaluate(specs[number], folds)
-                mismatch = self._mismatch(claimed[number], honest, folds)
-                if mismatch:
-                    return f"trial {number}: {mismatch}"
+        self.task.settle_check(subtask_id, "checked", None, seconds_out)
+        check.answer, check.checker, check.answered_in = {t.number: t for t in answer.trials}, checker, subtask_id
+        if self._disagreement(check, check.answer) is None:
+            self._record(check, ok=True, by=checker, seconds=seconds_out)
+            self._pass(check, "cross")
+        else:  # who is wrong? The requestor decides; the verdicts say what it found
+            self._to_referee(check)
         return None
 
-    def _mismatch(self, claim: TrialResult, honest: TrialResult, folds: list[int] | None) -> str | None:
-        if claim.status != honest.status:
-            return f"provider says {claim.status}, re-run says {honest.status} ({honest.error or honest.mean_score})"
+    def _retry(self, check: _Check, subtask_id: str, reason: str, seconds_out: float) -> None:
+        """The checker failed to answer (a fault): another provider, or after a few, the requestor."""
+        self.task.settle_check(subtask_id, "rejected", reason, seconds_out)
+        check.attempts += 1
+        check.assignee = None if check.attempts >= _CROSS_ATTEMPTS else self._pick_checker(check)
+        check.planned_at = self.clock()
+
+    def _to_referee(self, check: _Check) -> None:
+        """Have the requestor re-run the check's units (once more if it already did)."""
+        for trial in check.trials():
+            check.awaiting.add(trial.number)
+            self.referee.submit((check.id, trial.number), trial)
+
+    def _referee_answer(self, check: _Check, number: int, result: TrialResult) -> None:
+        check.awaiting.discard(number)
+        if not check.referee or number in check.referee[-1]:
+            check.referee.append({})
+        check.referee[-1][number] = result
+        if check.awaiting:
+            return
+        run = check.referee[-1]
+        claim_wrong = self._disagreement(check, run)
+        checker_wrong = None if check.answer is None else self._differs(check, check.answer, run)
+        if (claim_wrong or checker_wrong) and len(check.referee) == 1:
+            return self._to_referee(check)  # before blaming anyone, make sure our own run is reproducible
+        if len(check.referee) == 2:
+            unstable = self._differs(check, check.referee[0], run)
+            if unstable is not None:
+                self._not_deterministic(unstable)
+        seconds, check.referee_seconds = check.referee_seconds, 0.0
+        if checker_wrong and check.checker is not None and check.answered_in is not None:
+            self.task.record_verdict(Verdict(check.answered_in, check.checker, ok=False, kind=check.kind,
+                                             checked=list(check.units), reason=checker_wrong, check_id=check.id))
+            self._ban(check.checker, f"check of {check.subtask_id}: {checker_wrong}")
+        self._record(check, ok=claim_wrong is None, by=REQUESTOR, seconds=seconds, reason=claim_wrong)
+        if claim_wrong:
+            self.task.store.resolve_check(check.id, "failed")
+            self._ban(check.provider, claim_wrong)
+        else:
+            whole = all(fold is None for _, fold in check.units)
+            self._pass(check, "full" if whole else "spot")
+        return None
+
+    def _not_deterministic(self, difference: str) -> None:
+        problem = self.task.problem
+        field_, what, fix = (
+            ("options.script", "this script", "seed every random source from the `seed` argument")
+            if problem.script is not None else
+            ("options.estimator", "this estimator", "give it a `random_state` (mltask fills it with the trial seed) "
+             "or make it deterministic")
+        )
+        raise TaskError(field_, f"{what} is not deterministic given `seed` ({difference}); {fix}")
+
+    def _pass(self, check: _Check, how: str) -> None:
+        self.task.store.resolve_check(check.id, "passed")
+        del self._checks[check.id]
+        if check.kind == "spot":
+            self.policy.passed(check.provider)
+        for number in {n for n, _ in check.units}:
+            self.task.mark_verified(number, how, check.subtask_id)
+
+    def _record(self, check: _Check, *, ok: bool, by: str, seconds: float, reason: str | None = None) -> None:
+        """The verdict on the checked provider's claim, from the run ``by`` a checker or the requestor."""
+        self.task.record_verdict(Verdict(check.subtask_id, check.provider, ok=ok, kind=check.kind,
+                                         checked=list(check.units), reason=reason, seconds=seconds, by=by,
+                                         check_id=check.id))
+
+    def _ban(self, provider: str, reason: str) -> None:
+        """Ban ``provider``; its checks are moot (its work is reopened), checks it holds go elsewhere."""
+        if provider in self.task.store.bans():
+            return
+        self.task.ban(provider, reason)
+        self.policy.forget(provider)
+        for check_id, check in list(self._checks.items()):
+            if check.provider == provider:
+                self.policy.charge(0.0, check.estimate, 0)
+                del self._checks[check_id]
+            elif check.assignee == provider:
+                check.assignee = self._pick_checker(check)
+
+    def _disagreement(self, check: _Check, other: dict[int, TrialResult]) -> str | None:
+        """How the claims differ from ``other`` on the check's units (``None``: they agree)."""
+        return self._differs(check, check.claims, other)
+
+    def _differs(self, check: _Check, claims: dict[int, TrialResult], other: dict[int, TrialResult]) -> str | None:
+        for trial in check.trials():
+            mismatch = self._mismatch(claims[trial.number], other[trial.number], trial.folds)
+            if mismatch:
+                return f"trial {trial.number} {mismatch}"
+        return None
+
+    def _mismatch(self, claim: TrialResult, other: TrialResult, folds: list[int] | None) -> str | None:
+        """Where ``claim`` (all its folds, or only ``folds``) and ``other`` (only those) differ."""
+        if claim.status != other.status:
+            return f"is {claim.status} in one run and {other.status} in the other ({other.error or claim.error})"
         if claim.status == "failed":
             return None
-        indices = folds if folds is not None else range(len(claim.fold_scores))
-        for got, index in zip(honest.fold_scores, indices, strict=True):
-            said = claim.fold_scores[index]
-            if not math.isclose(said, got, rel_tol=self.options.rel_tolerance, abs_tol=self.options.abs_tolerance):
-                return f"fold {index} score {said!r} but re-run gives {got!r}"
-        for got, index in zip(honest.fold_fingerprints, indices, strict=True):
-            if claim.fold_fingerprints[index] != got:
-                return f"fold {index} predictions differ from the re-run (fingerprint mismatch)"
+        indices = list(folds if folds is not None else range(len(claim.fold_scores)))
+        said = claim.fold_scores if len(claim.fold_scores) == len(indices) else [claim.fold_scores[i] for i in indices]
+        prints = (claim.fold_fingerprints if len(claim.fold_fingerprints) == len(indices)
+                  else [claim.fold_fingerprints[i] for i in indices])
+        for index, a, b in zip(indices, said, other.fold_scores, strict=True):
+            if not math.isclose(a, b, rel_tol=self.options.rel_tolerance, abs_tol=self.options.abs_tolerance):
+                return f"fold {index} gave {a!r} then {b!r}"
+        for index, a, b in zip(indices, prints, other.fold_fingerprints, strict=True):
+            if a != b:
+                return f"fold {index} predictions differ (fingerprint mismatch)"
         return None

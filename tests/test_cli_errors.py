@@ -79,10 +79,10 @@ def _case(tmp_path: Path, name: str) -> dict[str, Any] | str:
         return {**task_dict(), "timeout": "ten minutes"}
     if name == "unknown_type":
         return {**task_dict(), "type": "Blender"}
-    if name == "negative_sample_rate":
-        return task_dict(verification={"sample_rate": -0.1})
-    if name == "sample_rate_above_one":
-        return task_dict(verification={"sample_rate": 1.5})
+    if name == "negative_budget":
+        return task_dict(verification={"budget": -0.1})
+    if name == "budget_above_one":
+        return task_dict(verification={"budget": 1.5})
     if name == "negative_tolerance":
         return task_dict(verification={"rel_tolerance": -1e-9})
     raise AssertionError(name)
@@ -111,8 +111,8 @@ CASES = {
     "script_without_function": "options.script.function",
     "bad_duration": "timeout",
     "unknown_type": "type",
-    "negative_sample_rate": "options.verification.sample_rate",
-    "sample_rate_above_one": "options.verification.sample_rate",
+    "negative_budget": "options.verification.budget",
+    "budget_above_one": "options.verification.budget",
     "negative_tolerance": "options.verification.rel_tolerance",
 }
 

@@ -17,7 +17,7 @@ from mltask import run_task
 from mltask.backends.docker import LABEL, DockerBackend
 from mltask.definition import parse_definition
 from mltask.image import docker_client
-from mltask.scheduler import make_verifier, settle
+from mltask.scheduler import make_verifier
 from mltask.task import HyperparameterSearchTask
 from tests.support import results, run_cli, task_dict, write_task
 
@@ -89,7 +89,7 @@ def test_search_in_containers_matches_the_local_backend(provider_image: str, tmp
 def test_container_is_sandboxed(provider_image: str, tmp_path: Path) -> None:
     data = _script_task(tmp_path, "escape", n=2, subtasks=1)
     # The requestor's re-run could escape (root, a network), so its scores would differ: no checks here.
-    data["options"]["verification"] = {"sample_rate": 0, "verify_best": False}
+    data["options"]["verification"] = {"budget": 0, "verify_best": False}
     run_task(write_task(tmp_path, data), backend="docker", workers=1, image=provider_image,
              output=tmp_path / "out", quiet=True)
     assert [t["mean_test_score"] for t in results(tmp_path / "out")["trials"]] == [0.0, 0.0]
@@ -143,7 +143,7 @@ def test_malicious_result_is_refused_and_its_provider_banned(
         done: list = []
         while not done:
             done = backend.wait(1.0)
-        settle(task, done[0], make_verifier(task))
+        make_verifier(task).settle(done[0], 0.0)
     assert "docker-0" in task.store.bans()
     [subtask] = task.store.subtasks()
     assert subtask["state"] == "rejected" and why in subtask["reason"]
@@ -179,3 +179,88 @@ def test_unreachable_daemon_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
                             "--quiet"], capsys)
     assert code == 2 and "cannot reach the Docker daemon" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before anything is created
+
+
+CHEATING_PROVIDER = '''#!/opt/mltask/bin/python
+"""mltask-provider, but every score it reports is 0.05 better than it computed."""
+import sys
+
+import mltask.provider as provider
+
+honest = provider.evaluate_subtask
+
+
+def inflated(subtask, resources_dir):
+    result = honest(subtask, resources_dir)
+    trials = []
+    for trial in result.trials:
+        if trial.status == "ok":
+            folds = [min(1.0, s + 0.05) for s in trial.fold_scores]
+            mean = sum(folds) / len(folds)
+            std = (sum((f - mean) ** 2 for f in folds) / len(folds)) ** 0.5
+            trial = trial.model_copy(update={"fold_scores": folds, "mean_score": mean, "std_score": std})
+        trials.append(trial)
+    return result.model_copy(update={"trials": trials})
+
+
+provider.evaluate_subtask = inflated
+sys.exit(provider.main())
+'''
+
+
+@pytest.fixture(scope="module")
+def dishonest_image(provider_image: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The provider image with its evaluation replaced by a cheat, as a dishonest provider would run."""
+    context = tmp_path_factory.mktemp("dishonest")
+    (context / "mltask-provider").write_text(CHEATING_PROVIDER)
+    (context / "Dockerfile").write_text(
+        f"FROM {provider_image}\nUSER root\nCOPY mltask-provider /opt/mltask/bin/mltask-provider\n"
+        "RUN chmod 755 /opt/mltask/bin/mltask-provider\nUSER 10001\n"
+    )
+    tag = f"{provider_image}-dishonest"
+    client = docker_client()
+    client.images.build(path=str(context), tag=tag, rm=True)
+    yield tag
+    client.images.remove(tag, force=True)
+
+
+class _OneDishonestContainer(DockerBackend):
+    """Containers of the provider image, except one of a dishonest image (test-side, not product code)."""
+
+    def __init__(self, dishonest: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dishonest = dishonest
+
+    def _start_container(self, slot: Any) -> None:
+        honest = self.image
+        self.image = self.dishonest.get(slot.name, honest)
+        try:
+            super()._start_container(slot)
+        finally:
+            self.image = honest
+
+
+@pytest.mark.docker
+def test_dishonest_container_is_banned_by_checks_delegated_to_the_others(
+    provider_image: str, dishonest_image: str, tmp_path: Path
+) -> None:
+    from tests.dishonest import run_inline
+
+    data = task_dict(n_trials=40, cv={"kind": "stratified", "folds": 5})
+    data["subtasks_count"] = 8
+    honest, _, _ = run_inline(data, tmp_path / "honest", {"a": None, "b": None})
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    from mltask.scheduler import drive
+
+    with _OneDishonestContainer({"docker-3": dishonest_image}, workers=4, image=provider_image) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        assert drive(task, backend, timeout=600) == "finished"
+    assert set(task.store.bans()) == {"docker-3"}
+    provider_of = {s["subtask_id"]: s["provider"] for s in task.store.subtasks("search")}
+    delegated = [v for v in task.store.verdicts() if v["by"].startswith("docker-")]
+    assert delegated and all(v["by"] != provider_of[v["subtask_id"]] for v in delegated)
+    best = task.best_trial()
+    assert best.verified == "full" and best.provider != "docker-3"
+    assert best.value == honest.best_trial().value  # the true best is reported
+    assert all(r.provider != "docker-3" for r in task.store.trials())
+    assert not _leftover_containers()

@@ -1,0 +1,321 @@
+"""Which results to check, and how much: the verification policy.
+
+Pure bookkeeping and random draws, no I/O: :class:`mltask.verifier.Verifier` asks it for a
+plan when it accepts a subtask and tells it what checks cost and how they ended, so the
+policy can be driven (and tuned) by the scale simulation as well as by real runs.
+
+A *unit* is one (trial, fold) evaluation; ``fold = None`` means every fold of the trial.
+For each accepted subtask the policy plans:
+
+- **claimed failures** (``kind="failure"``): every trial the provider says failed is re-run
+  by the requestor (``verify_best``): hiding a good configuration as a crash is the cheapest
+  sabotage, and sampling would miss it.
+- **contenders**: a trial whose claimed score beats the best so far gets one random fold
+  checked, always; a faked high score is what changes the outcome.
+- **samples** (``kind="spot"``): ``k`` units, with ``E[k] = m``::
+
+      m = budget * seconds_out / unit_cost * (risk / mean risk) * (weight / mean weight) * pace
+
+  ``budget * seconds_out`` is this subtask's share of the verification budget in seconds,
+  ``unit_cost`` what one checked unit costs as measured so far (check subtasks' time out
+  per unit, so per-subtask overheads count), ``pace`` pulls the spending back to the
+  budget (between 0.25 and 3) when mandatory checks or estimates drifted. ``risk`` is
+  per provider, BOINC's adaptive replication: ``max(floor, h / (h + passed))`` after
+  ``passed`` passed checks, so new providers are checked most and a patient cheater still
+  at ``floor`` (0.2) of the new rate; a provider whose scores are systematically low (a
+  one-sided Mann-Whitney test against everyone else's, only where the sampler makes trials
+  exchangeable: random, qmc, grid) is checked four times as much. ``weight`` is per trial,
+  towards the top: ``1 + 8 * max(0, 1 - q / 0.1)`` where ``q`` is the fraction of settled
+  trials better than the trial *could* be: the better of its claimed score and the mean of
+  its five nearest neighbours from other providers in the search space. Inflated fakes sit
+  at the top by their claims, and a good configuration reported low sits among good
+  neighbours, so both draw checks; the mean normalisers keep the budget.
+- **first subtask** of each provider: at least one unit, unless the budget cannot afford
+  one check per provider (thousands of providers each doing a few one-trial subtasks): then
+  with the probability the budget's half allows.
+
+Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
+nothing a provider sees or can compute predicts which of its results will be checked.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mltask.protocol import TrialResult
+from mltask.space import SearchSpace
+
+Unit = tuple[int, int | None]  # (trial number, fold or None = every fold)
+
+RISK_FLOOR = 0.2
+RISK_HALF = 2.0
+SUSPECT_RISK = 4.0
+SUSPECT_P = 1e-3
+SUSPECT_MIN = 10
+TOP_FRACTION = 0.1
+TOP_WEIGHT = 8.0
+NEIGHBOURS = 5
+PACE_RANGE = (0.25, 3.0)
+PACE_TARGET = 0.9
+WARMUP_SHARE = 0.5
+_EMA = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Units to check in one subtask's result, and why: 'spot' (sampled) or 'failure'."""
+
+    kind: str
+    units: list[Unit]
+
+
+@dataclass
+class _Provider:
+    accepted: int = 0  # subtasks accepted
+    passed: int = 0  # checks passed
+    scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
+    suspect_at: int = -1  # len(scores) when last tested
+    suspect: bool = False
+
+    def risk(self) -> float:
+        base = max(RISK_FLOOR, RISK_HALF / (RISK_HALF + self.passed))
+        return base * (SUSPECT_RISK if self.suspect else 1.0)
+
+
+class CheckPolicy:
+    """Plans checks for accepted results within a compute budget; see the module docstring."""
+
+    def __init__(self, *, budget: float, direction: str, space: SearchSpace, folds: int, exchangeable: bool,
+                 verify_failures: bool, expected_subtasks: int, rng: Any = None) -> None:
+        self.budget = budget
+        self.sign = 1.0 if direction == "maximize" else -1.0
+        self.folds = folds
+        self.exchangeable = exchangeable
+        self.verify_failures = verify_failures
+        self.expected_subtasks = expected_subtasks
+        self.rng = rng or secrets.SystemRandom()
+        self._embed = _Embedding(space)
+        self._providers: dict[str, _Provider] = {}
+        self._ids: dict[str, int] = {}
+        self._population = _Population()
+        self._sorted: list[float] = []  # signed scores of settled trials, ascending
+        self.useful = 0.0  # seconds of accepted search subtasks
+        self.useful_units = 0
+        self.spent = 0.0  # seconds of verification charged
+        self.committed = 0.0  # estimated seconds of planned checks not yet charged
+        self._unit_cost: float | None = None
+        self._mean_risk = 1.0
+        self._mean_weight = 1.0
+
+    # -- what the policy is told ----------------------------------------------------------
+
+    def provider(self, name: str) -> _Provider:
+        return self._providers.setdefault(name, _Provider())
+
+    def passed(self, provider: str) -> None:
+        """A check of ``provider`` agreed: trust it a little more."""
+        self.provider(provider).passed += 1
+
+    def forget(self, provider: str) -> None:
+        """``provider`` was banned: its scores leave the population the weights come from."""
+        self._providers.pop(provider, None)
+        self._population.remove(self._id(provider))
+        self._sorted = sorted(self._population.scores())
+
+    def charge(self, seconds: float, estimate: float, units: int) -> None:
+        """A check ran: ``seconds`` measured; ``estimate`` was committed for it at planning."""
+        self.spent += seconds
+        self.committed = max(0.0, self.committed - estimate)
+        if units > 0:
+            per_unit = seconds / units
+            self._unit_cost = per_unit if self._unit_cost is None else (1 - _EMA) * self._unit_cost + _EMA * per_unit
+
+    def estimate(self, units: list[Unit]) -> float:
+        """Expected seconds of checking ``units`` (a whole trial is ``folds`` units)."""
+        return self.unit_cost() * sum(self.folds if fold is None else 1 for _, fold in units)
+
+    def unit_cost(self) -> float:
+        if self._unit_cost is not None:
+            return self._unit_cost
+        return self.useful / self.useful_units if self.useful_units else 0.0
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(self, provider: str, trials: list[TrialResult], seconds_out: float, providers: int) -> list[Plan]:
+        """The checks for one accepted subtask of ``provider`` (``providers``: how many there are)."""
+        record = self.provider(provider)
+        record.accepted += 1
+        self.useful += seconds_out
+        self.useful_units += len(trials) * self.folds
+        ok = [t for t in trials if t.status == "ok" and t.mean_score is not None]
+        plans = []
+        if self.verify_failures:
+            plans += [Plan("failure", [(t.number, None)]) for t in trials if t.status == "failed"]
+        units = self._sample(record, provider, ok, seconds_out, providers)
+        self._remember(provider, ok)
+        if units:
+            plans.append(Plan("spot", units))
+        for plan in plans:
+            self.committed += self.estimate(plan.units)
+        return plans
+
+    def _sample(self, record: _Provider, provider: str, ok: list[TrialResult], seconds_out: float,
+                providers: int) -> list[Unit]:
+        if not ok:
+            return []
+        self._update_suspicion(record, provider)
+        best = self._sorted[-1] if self._sorted else -math.inf
+        contenders = [t.number for t in ok if self.sign * t.mean_score > best]
+        weights = [self._weight(provider, t) for t in ok]
+        risk, weight = record.risk(), sum(weights) / len(weights)
+        self._mean_risk = (1 - _EMA) * self._mean_risk + _EMA * risk
+        self._mean_weight = (1 - _EMA) * self._mean_weight + _EMA * weight
+        m = 0.0
+        if self.budget > 0 and self.unit_cost() > 0:
+            m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
+                 * self._pace())
+            if record.accepted == 1:  # a provider's first subtask
+                m = max(m, self._warmup_probability(len(ok), providers))
+        k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
+        units = self._weighted_units(ok, weights, k)
+        chosen = {n for n, _ in units}
+        units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
+        return units
+
+    def _pace(self) -> float:
+        allowed = PACE_TARGET * self.budget * self.useful  # aim under the budget: estimates lag
+        if allowed <= 0:
+            return 1.0
+        low, high = PACE_RANGE
+        return min(high, max(low, 1.0 + (allowed - self.spent - self.committed) / allowed))
+
+    def _warmup_probability(self, trials: int, providers: int) -> float:
+        """One check per new provider, if half the budget of its expected share affords it."""
+        per_provider_units = trials * self.folds * self.expected_subtasks / max(1, providers)
+        return min(1.0, WARMUP_SHARE * self.budget * per_provider_units)
+
+    def _weighted_units(self, ok: list[TrialResult], weights: list[float], k: int) -> list[Unit]:
+        """``k`` distinct units: trials drawn by weight (without replacement while any is left), folds at random."""
+        free = {t.number: list(range(self.folds)) for t in ok}
+        w = dict(zip((t.number for t in ok), weights, strict=True))
+        units: list[Unit] = []
+        for _ in range(k):
+            numbers = [n for n in free if free[n]]
+            if not numbers:
+                break
+            unchecked = [n for n in numbers if len(free[n]) == self.folds] or numbers
+            number = self.rng.choices(unchecked, weights=[w[n] for n in unchecked])[0]
+            fold = free[number].pop(self.rng.randrange(len(free[number])))
+            units.append((number, fold))
+        return units
+
+    def _weight(self, provider: str, trial: TrialResult) -> float:
+        """More weight the nearer the trial could be to the top (claimed or by its neighbours)."""
+        if not self._sorted:
+            return 1.0 + TOP_WEIGHT
+        claimed = self.sign * trial.mean_score
+        could_be = max(claimed, self._neighbours(provider, self._embed(trial.params)))
+        better = len(self._sorted) - bisect.bisect_right(self._sorted, could_be)
+        q = better / len(self._sorted)
+        return 1.0 + TOP_WEIGHT * max(0.0, 1.0 - q / TOP_FRACTION)
+
+    def _neighbours(self, provider: str, point: np.ndarray) -> float:
+        """Mean signed score of the nearest trials reported by other providers (-inf if too few)."""
+        return self._population.neighbours(point, self._id(provider), NEIGHBOURS)
+
+    def _id(self, provider: str) -> int:
+        return self._ids.setdefault(provider, len(self._ids))
+
+    def _remember(self, provider: str, ok: list[TrialResult]) -> None:
+        record = self.provider(provider)
+        for t in ok:
+            score = self.sign * t.mean_score
+            self._population.add(self._id(provider), self._embed(t.params), score)
+            bisect.insort(self._sorted, score)
+            record.scores.append(score)
+
+    def _update_suspicion(self, record: _Provider, provider: str) -> None:
+        """Systematically low scores, where trials are exchangeable between providers, draw checks."""
+        n = len(record.scores)
+        if not self.exchangeable or n < SUSPECT_MIN or n < 1.25 * max(record.suspect_at, 1):
+            return
+        others = [s for who, rec in self._providers.items() if who != provider for s in rec.scores]
+        if len(others) < SUSPECT_MIN:
+            return
+        from scipy.stats import mannwhitneyu
+
+        record.suspect_at = n
+        record.suspect = bool(mannwhitneyu(record.scores, others, alternative="less").pvalue < SUSPECT_P)
+
+
+class _Population:
+    """Settled trials as points with their owner and signed score, in arrays that grow by doubling."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._points = np.zeros((0, 0))
+        self._owners = np.zeros(0, dtype=np.int64)
+        self._scores = np.zeros(0)
+
+    def add(self, owner: int, point: np.ndarray, score: float) -> None:
+        if self._n == len(self._scores):
+            capacity = max(64, 2 * self._n)
+            self._points = np.resize(self._points, (capacity, len(point))) if self._n else np.zeros((capacity,
+                                                                                                     len(point)))
+            self._owners = np.resize(self._owners, capacity)
+            self._scores = np.resize(self._scores, capacity)
+        self._points[self._n], self._owners[self._n], self._scores[self._n] = point, owner, score
+        self._n += 1
+
+    def remove(self, owner: int) -> None:
+        keep = self._owners[: self._n] != owner
+        n = int(keep.sum())
+        self._points[:n], self._owners[:n], self._scores[:n] = (
+            self._points[: self._n][keep], self._owners[: self._n][keep], self._scores[: self._n][keep])
+        self._n = n
+
+    def scores(self) -> list[float]:
+        return self._scores[: self._n].tolist()
+
+    def neighbours(self, point: np.ndarray, exclude: int, k: int) -> float:
+        others = self._owners[: self._n] != exclude
+        if others.sum() < k:
+            return -math.inf
+        distance = np.where(others, ((self._points[: self._n] - point) ** 2).sum(axis=1), np.inf)
+        nearest = np.argpartition(distance, k - 1)[:k]
+        return float(self._scores[: self._n][nearest].mean())
+
+
+class _Embedding:
+    """Configurations as points in the unit cube (log scales where declared, categoricals one-hot)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        self._parts: list[tuple[str, Any]] = []
+        for name, dist in space.distributions().items():
+            if isinstance(dist, CategoricalDistribution):
+                self._parts.append((name, list(dist.choices)))
+            elif isinstance(dist, FloatDistribution | IntDistribution):
+                low, high = (math.log(dist.low), math.log(dist.high)) if dist.log else (dist.low, dist.high)
+                self._parts.append((name, (dist.log, low, high)))
+
+    def __call__(self, params: dict[str, Any]) -> np.ndarray:
+        out: list[float] = []
+        for name, spec in self._parts:
+            value = params.get(name)
+            if isinstance(spec, list):
+                out += [float(value == choice) for choice in spec]
+            elif value is None or isinstance(value, str | bool):
+                out.append(0.5)
+            else:
+                log, low, high = spec
+                x = math.log(value) if log else float(value)
+                out.append((x - low) / (high - low) if high > low else 0.5)
+        return np.array(out, dtype=float)
