@@ -189,6 +189,7 @@ class _Ledger:
     busy: float = 0.0  # provider-seconds spent on subtasks
     waiting: float = 0.0  # provider-seconds idle while work waited for the requestor to hand it out
     requestor: float = 0.0  # virtual seconds of objective the requestor evaluated itself
+    cost: dict[str, float] = field(default_factory=dict)  # subtask id -> reference-core seconds it costs
     faked: dict[str, int] = field(default_factory=dict)  # provider -> trials it answered untruthfully
     subtasks: dict[str, int] = field(default_factory=dict)  # provider -> subtasks it answered
 
@@ -206,6 +207,7 @@ class SimBackend(Backend):
     def __init__(self, behaviours: dict[str, Behaviour | None], network: Network = Network(), seed: int = 0,
                  demand: Callable[[], bool] = lambda: True) -> None:
         self.behaviours = dict(behaviours)
+        self.initial_providers = len(behaviours)
         self.network = network
         self.rng = random.Random(seed)
         self.demand = demand
@@ -246,6 +248,7 @@ class SimBackend(Backend):
         result = evaluate_subtask(subtask, self.resources_dir)
         cost = (METER.ns - before) / 1e9
         self._metered = METER.ns  # the provider's compute, not the requestor's
+        self.ledger.cost[subtask.subtask_id] = cost
         for spec, trial in zip(subtask.trials, result.trials, strict=True):
             if getattr(spec, "folds", None) is None:
                 self.truth[trial_key(spec.params, spec.seed)] = trial
@@ -444,7 +447,7 @@ class Figures:
     outcome_changed: bool  # the reported best is not the honest best of the same configurations
     false_bans: int  # honest providers banned
     makespan: float
-    requestor_metered: float  # the backend's own count of requestor compute, to cross-check the store's
+    requestor_records: dict[str, float]  # the requestor's re-runs as its verdicts record them, by kind of check
 
     @property
     def eligible(self) -> set[str]:
@@ -452,7 +455,12 @@ class Figures:
 
 
 def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
-    """The figures of a finished run; ``adversaries`` are the providers that lie (not the merely outdated)."""
+    """The figures of a finished run; ``adversaries`` are the providers that lie (not the merely outdated).
+
+    Compute is in reference-core seconds of the cost model: the requestor's as the backend
+    metered it (all of its evaluations, in the loop or beside it), check subtasks' as the
+    providers were charged for them, the search's as one honest evaluation of every trial.
+    """
     from mltask.protocol import TrialSpec
     from mltask.provider import evaluator_for
 
@@ -460,16 +468,9 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     cv = task.problem.cv
     folds = 1 if cv.kind == "holdout" else cv.folds
     rows = task.store.trials()
-    params = {r.number: r.params for r in rows}
-    by_requestor = by_providers = 0.0
-    for verdict in task.store.verdicts():
-        seconds = sum(trial_seconds(params[n], folds) if f is None else fold_seconds(params[n])
-                      for n, f in json.loads(verdict["checked"]))
-        if verdict.get("by", "requestor") == "requestor":
-            by_requestor += seconds
-        else:
-            by_providers += seconds
-    useful = sum(trial_seconds(p, folds) for p in params.values())
+    checks = sum(backend.ledger.cost.get(s["subtask_id"], 0.0) for s in task.store.subtasks()
+                 if s.get("purpose") == "check")
+    useful = sum(trial_seconds(r.params, folds) for r in rows)
     evaluator = evaluator_for(task.problem, task.resources_dir)
     truth = {r.number: backend.truth.get(trial_key(r.params, r.seed)) or evaluator.evaluate(
         TrialSpec(number=r.number, params=r.params, seed=r.seed)) for r in rows}
@@ -493,10 +494,28 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     honest_providers = {p for p, b in backend.behaviours.items() if b is None}
     ledger = backend.ledger
     return Figures(
-        providers=len([p for p in backend.behaviours if not p.startswith("joined")]), trials=len(rows),
+        providers=backend.initial_providers, trials=len(rows),
         provider_busy=ledger.busy / max(ledger.busy + ledger.waiting, 1e-12),
-        requestor_cores=by_requestor / max(makespan, 1e-12), overhead=(by_requestor + by_providers) / useful,
+        requestor_cores=ledger.requestor / max(makespan, 1e-12), overhead=(ledger.requestor + checks) / useful,
         faked={p: ledger.faked[p] for p in adversaries}, banned=bans & adversaries, faked_left=faked_left,
         lost=lost, outcome_changed=changed, false_bans=len(bans & honest_providers), makespan=makespan,
-        requestor_metered=ledger.requestor,
+        requestor_records=requestor_records(task, folds),
     )
+
+
+def requestor_records(task: Any, folds: int) -> dict[str, float]:
+    """The requestor's re-runs as the store records them, by kind of check (to cross-check the meter).
+
+    A policy that records where each check ran and what it cost is taken at its word;
+    before that (every check on the requestor, real seconds), the cost of the units checked.
+    """
+    params = {r.number: r.params for r in task.store.trials()}
+    records: dict[str, float] = {}
+    for verdict in task.store.verdicts():
+        if "by" in verdict:
+            seconds = verdict["seconds"] if verdict["by"] == "requestor" else 0.0
+        else:
+            seconds = sum(trial_seconds(params[n], folds) if f is None else fold_seconds(params[n])
+                          for n, f in json.loads(verdict["checked"]))
+        records[verdict["kind"]] = records.get(verdict["kind"], 0.0) + seconds
+    return records
