@@ -18,8 +18,8 @@ For each accepted subtask the policy plans:
 
   ``budget * seconds_out`` is this subtask's share of the verification budget in seconds,
   ``unit_cost`` what one checked unit costs as measured so far (check subtasks' time out
-  per unit, so per-subtask overheads count), ``pace`` pulls the spending back to the
-  budget (between 0.25 and 3) when mandatory checks or estimates drifted. ``risk`` is
+  per unit, so per-subtask overheads count), ``pace`` pulls the spending back to 90% of the
+  budget (between 0.25 and 2) when mandatory checks or estimates drifted. ``risk`` is
   per provider, BOINC's adaptive replication: ``max(floor, h / (h + passed))`` after
   ``passed`` passed checks, so new providers are checked most and a patient cheater still
   at ``floor`` (0.2) of the new rate; a provider whose scores are systematically low (a
@@ -61,7 +61,7 @@ SUSPECT_MIN = 10
 TOP_FRACTION = 0.1
 TOP_WEIGHT = 8.0
 NEIGHBOURS = 5
-PACE_RANGE = (0.25, 3.0)
+PACE_RANGE = (0.25, 2.0)
 PACE_TARGET = 0.9
 WARMUP_SHARE = 0.5
 _EMA = 0.05
@@ -110,8 +110,8 @@ class CheckPolicy:
         self.spent = 0.0  # seconds of verification charged
         self.committed = 0.0  # estimated seconds of planned checks not yet charged
         self._unit_cost: float | None = None
-        self._mean_risk = 1.0
-        self._mean_weight = 1.0
+        self._mean_risk: float | None = None
+        self._mean_weight: float | None = None
 
     # -- what the policy is told ----------------------------------------------------------
 
@@ -134,7 +134,7 @@ class CheckPolicy:
         self.committed = max(0.0, self.committed - estimate)
         if units > 0:
             per_unit = seconds / units
-            self._unit_cost = per_unit if self._unit_cost is None else (1 - _EMA) * self._unit_cost + _EMA * per_unit
+            self._unit_cost = _ema(self._unit_cost, per_unit)
 
     def estimate(self, units: list[Unit]) -> float:
         """Expected seconds of checking ``units`` (a whole trial is ``folds`` units)."""
@@ -174,8 +174,8 @@ class CheckPolicy:
         contenders = [t.number for t in ok if self.sign * t.mean_score > best]
         weights = [self._weight(provider, t) for t in ok]
         risk, weight = record.risk(), sum(weights) / len(weights)
-        self._mean_risk = (1 - _EMA) * self._mean_risk + _EMA * risk
-        self._mean_weight = (1 - _EMA) * self._mean_weight + _EMA * weight
+        self._mean_risk = _ema(self._mean_risk, risk)
+        self._mean_weight = _ema(self._mean_weight, weight)
         m = 0.0
         if self.budget > 0 and self.unit_cost() > 0:
             m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
@@ -252,6 +252,11 @@ class CheckPolicy:
 
         record.suspect_at = n
         record.suspect = bool(mannwhitneyu(record.scores, others, alternative="less").pvalue < SUSPECT_P)
+
+
+def _ema(mean: float | None, value: float) -> float:
+    """An exponential moving average that starts at its first value."""
+    return value if mean is None else (1 - _EMA) * mean + _EMA * value
 
 
 class _Population:

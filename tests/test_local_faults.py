@@ -87,8 +87,9 @@ def test_problem_is_built_once_per_worker(tmp_path: Path) -> None:
     doc = _run(tmp_path, _script_task(tmp_path, "fine", bad=-1, n=12, subtasks=6))
     assert doc["counts"]["complete"] == 12
     pids = [int(p) for p in (tmp_path / "out" / "imports.log").read_text().split()]
-    workers = [p for p in pids if p != os.getpid()]  # the requestor imports it to validate and to verify
-    assert len(workers) == len(set(workers)) == 2  # 6 subtasks, but each worker built the problem once
+    workers = [p for p in pids if p != os.getpid()]  # the requestor imports it to validate
+    # 6 subtasks, but each worker built the problem once (a third process: the requestor's referee pool)
+    assert len(workers) == len(set(workers)) and len(set(workers)) in (2, 3)
 
 
 @pytest.mark.slow
