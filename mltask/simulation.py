@@ -217,6 +217,7 @@ class SimBackend(Backend):
         self._idle: dict[str, float] = {p: 0.0 for p in behaviours}  # provider -> idle since
         self._running: dict[str, _Run] = {}
         self._events: list[tuple[float, int, str, str, int]] = []  # (time, seq, kind, provider, token)
+        self._leaves: dict[str, float] = {}  # honest provider -> when it leaves
         self._seq = 0
         self._joins = 0  # joins scheduled and not yet happened
         self._joined = 0
@@ -237,8 +238,9 @@ class SimBackend(Backend):
         return self._joins > 0
 
     def idle_providers(self) -> list[str]:
+        """Idle providers still here: one whose time to leave passed while the requestor was busy is gone."""
         self._catch_up()
-        return list(self._idle)
+        return [p for p in self._idle if self._leaves.get(p, math.inf) > self.now]
 
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         self._catch_up()
@@ -350,7 +352,8 @@ class SimBackend(Backend):
         heapq.heappush(self._events, (at, self._seq, kind, provider, token))
 
     def _schedule_leave(self, provider: str) -> None:
-        self._push(self.now + self.rng.expovariate(1.0 / self.network.session_seconds), "leave", provider)
+        self._leaves[provider] = self.now + self.rng.expovariate(1.0 / self.network.session_seconds)
+        self._push(self._leaves[provider], "leave", provider)
 
     def _schedule_join(self) -> None:
         self._joined += 1

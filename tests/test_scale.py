@@ -93,6 +93,16 @@ def test_requestor_compute_stalls_the_clock(tmp_path: Path) -> None:
     task.store.close()
 
 
+def test_a_provider_that_left_while_the_requestor_was_busy_gets_no_work(tmp_path: Path) -> None:
+    task, backend = _backend(tmp_path, Network(fault_rate=0.0, session_seconds=10.0))
+    assert backend.idle_providers() == ["p0"]
+    METER.charge(1e6)  # the requestor re-runs something for a virtual week
+    assert backend.idle_providers() == []
+    assert backend.wait(0.25) == []  # its leave is processed, and the newcomer who took its place joins
+    assert backend.idle_providers() == ["joined1"]
+    task.store.close()
+
+
 def test_the_network_is_reproducible(tmp_path: Path) -> None:
     """The same seed gives the same durations, faults and departures (the verifier's draws are the OS's)."""
     histories = []
