@@ -234,8 +234,11 @@ def main() -> None:
     parser.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--trials-per-subtask", type=int, default=Shape.trials_per_subtask)
     parser.add_argument("--folds", type=int, default=Shape.folds, help="CV folds; 1 means holdout")
+    parser.add_argument("--quick", action="store_true", help="one run of 50 providers and 2,000 trials per policy")
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # run with the importable mltask
     args = parser.parse_args()
+    if args.quick:
+        args.providers, args.trials, args.runs = [50], args.trials or 2_000, args.runs or 1
     sizes = []
     for providers in args.providers:
         trials, runs = SIZES.get(providers, (40 * providers, 1))
@@ -244,14 +247,13 @@ def main() -> None:
     if args.here:
         run_policy(sizes, shape)
         return
-    forwarded = [a for a in sys.argv[1:] if a not in args.policy and a != "--policy"]
     for policy in args.policy:
         print(f"{'today' if policy == 'today' else 'this tree'}'s policy"
               f"{f' (mltask at {TODAY})' if policy == 'today' else ''}:", flush=True)
         with tempfile.TemporaryDirectory(prefix="mltask-today-") as tmp:
             path = [str(today_tree(Path(tmp)))] if policy == "today" else []
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
-            done = subprocess.run([sys.executable, __file__, "--here", *forwarded], env=env)
+            done = subprocess.run([sys.executable, __file__, "--here", *sys.argv[1:]], env=env)
         if done.returncode != 0:
             sys.exit(done.returncode)
 
