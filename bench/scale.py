@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import random
 import shutil
@@ -55,7 +56,7 @@ if str(ROOT) not in sys.path:
 TODAY = "2116bfb"  # main when issue 11 (verification v2) was filed
 POLICIES = ("today", "tree")
 # providers -> (trials per run, runs)
-SIZES: dict[int, tuple[int, int]] = {50: (2_000, 4), 500: (20_000, 1), 5000: (40_000, 1)}
+SIZES: dict[int, tuple[int, int]] = {50: (10_000, 3), 500: (20_000, 1), 5000: (40_000, 1)}
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,16 @@ def cast(insight: Any, kinds: Collection[str] | None = None) -> tuple[dict[str, 
     return cheats, {name for name in cheats if kind_of(name) != "outdated"}
 
 
+class TooSlow(Exception):
+    """A run took more real time than its budget: the policy's own loop costs too much at this size."""
+
+
 def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape = Shape(),
-             kinds: Collection[str] | None = None) -> Any:
-    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures."""
+             kinds: Collection[str] | None = None, budget: float = math.inf) -> Any:
+    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures.
+
+    Raises :class:`TooSlow` once it has taken ``budget`` seconds of real time.
+    """
     from mltask.definition import parse_definition
     from mltask.scheduler import drive
     from mltask.simulation import SimBackend, measure, synthetic_task
@@ -121,7 +129,14 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
         backend = SimBackend({n: adversaries.get(n) for n in names}, seed=seed, demand=task.has_pending_subtasks)
         backend.start(task.resources_dir, out / "scratch")
         insight.verifier = verifier = simulated_verifier(task, backend)
-        status = drive(task, backend, timeout=10**9, verifier=verifier)
+        deadline = time.monotonic() + budget
+
+        def watch(progress: Any) -> None:
+            if time.monotonic() > deadline:
+                raise TooSlow(f"{progress.done + progress.failed} of {trials} trials settled in {budget:.0f} s of "
+                              f"real time, at {backend.clock() / 3600:.1f} h of virtual time")
+
+        status = drive(task, backend, timeout=10**9, verifier=verifier, on_update=watch)
         if status != "finished":
             raise RuntimeError(f"the simulated search stopped: {status}")
         return measure(task, backend, liars)
@@ -201,12 +216,16 @@ def _requestor(figures: list[Any]) -> str:
     return ", ".join([*shares, *([f"not in the store {unrecorded:.0%}"] if unrecorded > 0.005 else [])]) or "none"
 
 
-def run_policy(sizes: list[tuple[int, int, int]], shape: Shape) -> None:
+def run_policy(sizes: list[tuple[int, int, int]], shape: Shape, budget: float) -> None:
     """Every size with the code importable here; prints as it goes."""
     with scratch_dir() as tmp:
         for providers, trials, runs in sizes:
             started = time.perf_counter()
-            figures = [simulate(providers, trials, seed, tmp, shape) for seed in range(runs)]
+            try:
+                figures = [simulate(providers, trials, seed, tmp, shape, budget=budget) for seed in range(runs)]
+            except TooSlow as exc:
+                print(f"  {providers} providers: not measured, the simulation was stopped: {exc}", flush=True)
+                continue
             for line in report(figures, time.perf_counter() - started):
                 print(line, flush=True)
 
@@ -235,6 +254,7 @@ def main() -> None:
     parser.add_argument("--trials-per-subtask", type=int, default=Shape.trials_per_subtask)
     parser.add_argument("--folds", type=int, default=Shape.folds, help="CV folds; 1 means holdout")
     parser.add_argument("--quick", action="store_true", help="one run of 50 providers and 2,000 trials per policy")
+    parser.add_argument("--budget", type=float, default=300.0, help="real seconds a run may take (default %(default)s)")
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # run with the importable mltask
     args = parser.parse_args()
     if args.quick:
@@ -245,7 +265,7 @@ def main() -> None:
         sizes.append((providers, args.trials or trials, args.runs or runs))
     shape = Shape(args.trials_per_subtask, args.folds)
     if args.here:
-        run_policy(sizes, shape)
+        run_policy(sizes, shape, args.budget)
         return
     for policy in args.policy:
         print(f"{'today' if policy == 'today' else 'this tree'}'s policy"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale import report, scratch_dir, simulate
+from bench.scale import TooSlow, report, scratch_dir, simulate
 from mltask.definition import parse_definition
 from mltask.protocol import TrialSpec
 from mltask.provider import evaluator_for
@@ -61,6 +61,11 @@ def test_a_replayer_has_nothing_to_replay(scratch: Path) -> None:
     fig = simulate(6, 600, 0, scratch, kinds=("replayer",))
     assert fig.faked["replayer"] > 0
     assert fig.banned == {"replayer"} and fig.faked_left == 0 and fig.false_bans == 0
+
+
+def test_a_run_over_its_real_time_budget_is_stopped(scratch: Path) -> None:
+    with pytest.raises(TooSlow, match=r"of 400 trials settled in 0 s of real time"):
+        simulate(20, 400, 0, scratch, kinds=BLATANT, budget=0.0)
 
 
 def _backend(tmp_path: Path, network: Network, providers: int = 1) -> tuple[HyperparameterSearchTask, SimBackend]:
