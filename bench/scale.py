@@ -21,13 +21,21 @@ as one line, the last line of all being the last size of the last policy::
   the best of an honest run with the same seed, without running it);
 - false_bans: honest providers banned, summed over runs.
 
+Compute is counted in reference-core seconds of the cost model (see :mod:`mltask.simulation`),
+so the figures do not depend on this machine; nor does anything else printed except the
+real seconds each size took.
+
 Policies: ``today`` is mltask at commit ``TODAY`` (before verification v2), run from a copy
 of that commit's package extracted from git; ``tree`` is the code in this working tree.
 
     python bench/scale.py [--providers N ...] [--runs R] [--trials T] [--policy today|tree ...]
 
-Default: both policies at 50, 500 and 5,000 providers with the runs and trials in ``SIZES``,
-chosen so the whole command takes about 10-15 minutes on a loaded 2-core machine.
+Default: both policies at 50, 500 and 5,000 providers with the trials and runs in ``SIZES``
+(10,000 trials x 3 runs at 50 providers, so that every adversary gets the 30-odd subtasks
+the patient one needs; 20,000 x 1 at 500; 40,000 x 1 at 5,000), about 10-15 minutes on a
+loaded 2-core machine. A single run per size says nothing about a rate like
+``outcome_changed <= 1%``; ``--runs`` buys more. A run that takes more than ``--budget``
+real seconds is stopped and reported as not measured.
 """
 
 from __future__ import annotations
