@@ -114,10 +114,12 @@ class TooSlow(Exception):
 
 
 def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape = Shape(),
-             kinds: Collection[str] | None = None, budget: float = math.inf) -> Any:
+             kinds: Collection[str] | None = None, budget: float = math.inf,
+             verification: dict[str, Any] | None = None) -> Any:
     """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures.
 
-    Raises :class:`TooSlow` once it has taken ``budget`` seconds of real time.
+    ``verification`` overrides the task's verification options. Raises :class:`TooSlow`
+    once it has taken ``budget`` seconds of real time.
     """
     from mltask.definition import parse_definition
     from mltask.scheduler import drive
@@ -127,7 +129,7 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
 
     out = scratch / f"run{seed}"
     data = synthetic_task(out / "task", n_trials=trials, trials_per_subtask=shape.trials_per_subtask,
-                          folds=shape.folds, seed=seed)
+                          folds=shape.folds, seed=seed, verification=verification)
     task = HyperparameterSearchTask.create(parse_definition(data), out, out / "out")
     try:
         insight = Insight(task)

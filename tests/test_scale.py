@@ -61,6 +61,18 @@ def test_blatant_fakers_are_caught_and_honest_providers_are_not(runs: list) -> N
         assert not fig.outcome_changed
 
 
+def test_unverified_lies_show_in_the_figures(scratch: Path) -> None:
+    """The figures can fail: with sampled checks off, a saboteur that hides the best configuration wins.
+
+    Without sampled checks nothing is drawn at random here (the saboteur's lowered trials
+    are never contenders), so this seed's outcome is fixed: the true best is among its trials.
+    """
+    fig = simulate(2, 300, 0, scratch, kinds=("saboteur_lower",), verification={"budget": 0.0, "verify_best": False})
+    assert fig.outcome_changed and fig.faked_left == fig.faked["saboteur_lower"] > 0 and fig.banned == set()
+    line = report([fig], 1.0)[-1]
+    assert "caught=0%" in line and "outcome_changed=100.0%" in line
+
+
 def test_a_replayer_has_nothing_to_replay(scratch: Path) -> None:
     """v1 drew its checks from random.Random(task seed), and a provider replaying it was never caught (see
     bench/scale.py --policy today); draws from the OS leave it guessing, and it is caught."""
