@@ -192,7 +192,8 @@ def report(figures: list[Any], seconds: float) -> list[str]:
     return [
         f"  {runs} run(s) in {seconds:.0f} s; missed (caught/faked 10+): {', '.join(missed) or 'none'}; runs with "
         f"faked results left: {sum(f.faked_left > 0 for f in figures)}; trials lost to retries: "
-        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h; "
+        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h, "
+        f"{sum(f.makespan * f.providers / f.useful for f in figures) / runs:.1f}x the search's compute per provider; "
         f"requestor compute: {_requestor(figures)}",
         f"scale: providers={figures[0].providers} trials={figures[0].trials} provider_busy={busy:.2f} "
         f"requestor_cores={cores:.2g} overhead={100 * overhead:.1f}% "

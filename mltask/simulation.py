@@ -443,6 +443,7 @@ class Figures:
     outcome_changed: bool  # the reported best is not the honest best of the same configurations
     false_bans: int  # honest providers banned
     makespan: float
+    useful: float  # reference-core seconds of one honest evaluation of every trial
     requestor_records: dict[str, float]  # the requestor's re-runs as its verdicts record them, by kind of check
 
     @property
@@ -495,7 +496,7 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
         requestor_cores=ledger.requestor / max(makespan, 1e-12), overhead=(ledger.requestor + checks) / useful,
         faked={p: ledger.faked[p] for p in adversaries}, banned=bans & adversaries, faked_left=faked_left,
         lost=lost, outcome_changed=changed, false_bans=len(bans & honest_providers), makespan=makespan,
-        requestor_records=requestor_records(task, folds),
+        useful=useful, requestor_records=requestor_records(task, folds),
     )
 
 
