@@ -3,9 +3,10 @@
 The real task type, scheduler loop and verifier drive a simulated network in virtual time
 (:mod:`mltask.simulation`): heavy-tailed durations, 2% of subtasks lost to crashes and
 hangs, honest providers leaving and joining, and among the providers one of each adversary
-of ``tests/dishonest.py`` (one per 500 providers of each at larger sizes). Each run prints
-nothing; each (policy, size) prints which adversaries were caught, then its figures as one
-line, the last line of all being the last size of the last policy::
+of ``tests/dishonest.py`` (20 providers; a larger share would make the bigger sizes cost
+more to simulate than they tell: each ban rebuilds the study from the store). Each run
+prints nothing; each (policy, size) prints which adversaries were caught, then its figures
+as one line, the last line of all being the last size of the last policy::
 
     scale: providers=500 trials=20000 provider_busy=0.97 requestor_cores=0.4 overhead=3.9% caught=100% ...
 
@@ -20,18 +21,28 @@ line, the last line of all being the last size of the last policy::
   the best of an honest run with the same seed, without running it);
 - false_bans: honest providers banned, summed over runs.
 
+Compute is counted in reference-core seconds of the cost model (see :mod:`mltask.simulation`),
+so the figures do not depend on this machine; nor does anything else printed except the
+real seconds each size took.
+
 Policies: ``today`` is mltask at commit ``TODAY`` (before verification v2), run from a copy
 of that commit's package extracted from git; ``tree`` is the code in this working tree.
 
     python bench/scale.py [--providers N ...] [--runs R] [--trials T] [--policy today|tree ...]
 
-Default: both policies at 50, 500 and 5,000 providers with the runs and trials in ``SIZES``,
-chosen so the whole command takes about 10-15 minutes on a loaded 2-core machine.
+Default: both policies at 50, 500 and 5,000 providers with the trials and runs in ``SIZES``
+(10,000 trials x 3 runs at 50 providers, so that every adversary gets the 30-odd subtasks
+the patient one needs; 20,000 x 1 at 500; 40,000 x 1 at 5,000), about 10-15 minutes on a
+loaded 2-core machine. A single run per size says nothing about a rate like
+``outcome_changed <= 1%``; ``--runs`` buys more. A run that takes more than ``--budget``
+real seconds is stopped and reported as not measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import os
 import random
 import shutil
@@ -53,7 +64,7 @@ if str(ROOT) not in sys.path:
 TODAY = "2116bfb"  # main when issue 11 (verification v2) was filed
 POLICIES = ("today", "tree")
 # providers -> (trials per run, runs)
-SIZES: dict[int, tuple[int, int]] = {50: (2_000, 4), 500: (20_000, 1), 5000: (40_000, 1)}
+SIZES: dict[int, tuple[int, int]] = {50: (10_000, 3), 500: (20_000, 1), 5000: (40_000, 1)}
 
 
 @dataclass(frozen=True)
@@ -85,8 +96,8 @@ def _kinds() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
     return kinds
 
 
-def cast(insight: Any, copies: int, kinds: Collection[str] | None = None) -> tuple[dict[str, Any], set[str]]:
-    """The adversaries of a run: ``copies`` of each kind (default every kind); and which of them lie.
+def cast(insight: Any, kinds: Collection[str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """One adversary of each of ``kinds`` (default every kind), by provider name; and which of them lie.
 
     Every kind lies except ``outdated``: an honest provider on another scikit-learn, to be
     dropped and never banned.
@@ -94,32 +105,48 @@ def cast(insight: Any, copies: int, kinds: Collection[str] | None = None) -> tup
     cheats: dict[str, Any] = {}
     for kind, make in _kinds().items():
         if kinds is None or kind in kinds:
-            for i in range(copies):
-                cheats.update(make(insight, kind if i == 0 else f"{kind}{i}"))
+            cheats.update(make(insight, kind))
     return cheats, {name for name in cheats if kind_of(name) != "outdated"}
 
 
+class TooSlow(Exception):
+    """A run took more real time than its budget: the policy's own loop costs too much at this size."""
+
+
 def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape = Shape(),
-             kinds: Collection[str] | None = None) -> Any:
-    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures."""
+             kinds: Collection[str] | None = None, budget: float = math.inf,
+             verification: dict[str, Any] | None = None) -> Any:
+    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures.
+
+    ``verification`` overrides the task's verification options. Raises :class:`TooSlow`
+    once it has taken ``budget`` seconds of real time.
+    """
     from mltask.definition import parse_definition
-    from mltask.scheduler import drive, make_verifier
+    from mltask.scheduler import drive
     from mltask.simulation import SimBackend, measure, synthetic_task
     from mltask.task import HyperparameterSearchTask
     from tests.dishonest import Insight
 
     out = scratch / f"run{seed}"
     data = synthetic_task(out / "task", n_trials=trials, trials_per_subtask=shape.trials_per_subtask,
-                          folds=shape.folds, seed=seed)
+                          folds=shape.folds, seed=seed, verification=verification)
     task = HyperparameterSearchTask.create(parse_definition(data), out, out / "out")
     try:
-        verifier = make_verifier(task)
-        adversaries, liars = cast(Insight(verifier, task), max(1, providers // 500), kinds)
+        insight = Insight(task)
+        adversaries, liars = cast(insight, kinds)
         names = [f"p{i}" for i in range(providers - len(adversaries))] + list(adversaries)
         random.Random(seed).shuffle(names)
         backend = SimBackend({n: adversaries.get(n) for n in names}, seed=seed, demand=task.has_pending_subtasks)
         backend.start(task.resources_dir, out / "scratch")
-        status = drive(task, backend, timeout=86_400, verifier=verifier)
+        insight.verifier = verifier = simulated_verifier(task, backend)
+        deadline = time.monotonic() + budget
+
+        def watch(progress: Any) -> None:
+            if time.monotonic() > deadline:
+                raise TooSlow(f"{progress.done + progress.failed} of {trials} trials settled in {budget:.0f} s of "
+                              f"real time, at {backend.clock() / 3600:.1f} h of virtual time")
+
+        status = drive(task, backend, timeout=10**9, verifier=verifier, on_update=watch)
         if status != "finished":
             raise RuntimeError(f"the simulated search stopped: {status}")
         return measure(task, backend, liars)
@@ -128,9 +155,21 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
         shutil.rmtree(out, ignore_errors=True)
 
 
+def simulated_verifier(task: Any, backend: Any) -> Any:
+    """The task's verifier on the simulation's clock and re-run pool, where it takes them (today's does not)."""
+    from mltask.scheduler import make_verifier
+    from mltask.simulation import SimReferee
+    from mltask.verifier import Verifier
+
+    if "referee" not in inspect.signature(Verifier).parameters:
+        return make_verifier(task)
+    workers = task.definition.options.verification.referee_workers
+    return Verifier(task, SimReferee(backend, task.problem, task.resources_dir, workers), clock=backend.clock)
+
+
 def kind_of(name: str) -> str:
-    """An adversary's kind from its provider name (``replayer3`` and ``colluder2_b`` are a replayer and a colluder)."""
-    return name.split("_")[0].rstrip("0123456789") if name.startswith("colluder") else name.rstrip("0123456789")
+    """An adversary's kind from its provider name (the colluders are ``colluder_a`` and ``colluder_b``)."""
+    return name.split("_")[0] if name.startswith("colluder") else name
 
 
 def report(figures: list[Any], seconds: float) -> list[str]:
@@ -153,7 +192,9 @@ def report(figures: list[Any], seconds: float) -> list[str]:
     return [
         f"  {runs} run(s) in {seconds:.0f} s; missed (caught/faked 10+): {', '.join(missed) or 'none'}; runs with "
         f"faked results left: {sum(f.faked_left > 0 for f in figures)}; trials lost to retries: "
-        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h",
+        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h, "
+        f"{sum(f.makespan * f.providers / f.useful for f in figures) / runs:.1f}x the search's compute per provider; "
+        f"requestor compute: {_requestor(figures)}",
         f"scale: providers={figures[0].providers} trials={figures[0].trials} provider_busy={busy:.2f} "
         f"requestor_cores={cores:.2g} overhead={100 * overhead:.1f}% "
         f"caught={100 * caught / eligible if eligible else 100:.0f}% faked_left={sum(f.faked_left for f in figures)} "
@@ -174,12 +215,28 @@ def scratch_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def run_policy(sizes: list[tuple[int, int, int]], shape: Shape) -> None:
+def _requestor(figures: list[Any]) -> str:
+    """Where the requestor's compute went, by kind of check, as shares of what the backend metered."""
+    metered = sum(f.requestor_cores * f.makespan for f in figures)
+    kinds: dict[str, float] = {}
+    for fig in figures:
+        for kind, seconds in fig.requestor_records.items():
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+    shares = [f"{kind} {seconds / metered:.0%}" for kind, seconds in sorted(kinds.items()) if seconds]
+    unrecorded = 1 - sum(kinds.values()) / metered if metered else 0.0
+    return ", ".join([*shares, *([f"not in the store {unrecorded:.0%}"] if unrecorded > 0.005 else [])]) or "none"
+
+
+def run_policy(sizes: list[tuple[int, int, int]], shape: Shape, budget: float) -> None:
     """Every size with the code importable here; prints as it goes."""
     with scratch_dir() as tmp:
         for providers, trials, runs in sizes:
             started = time.perf_counter()
-            figures = [simulate(providers, trials, seed, tmp, shape) for seed in range(runs)]
+            try:
+                figures = [simulate(providers, trials, seed, tmp, shape, budget=budget) for seed in range(runs)]
+            except TooSlow as exc:
+                print(f"  {providers} providers: not measured, the simulation was stopped: {exc}", flush=True)
+                continue
             for line in report(figures, time.perf_counter() - started):
                 print(line, flush=True)
 
@@ -207,24 +264,27 @@ def main() -> None:
     parser.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--trials-per-subtask", type=int, default=Shape.trials_per_subtask)
     parser.add_argument("--folds", type=int, default=Shape.folds, help="CV folds; 1 means holdout")
+    parser.add_argument("--quick", action="store_true", help="one run of 50 providers and 2,000 trials per policy")
+    parser.add_argument("--budget", type=float, default=300.0, help="real seconds a run may take (default %(default)s)")
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # run with the importable mltask
     args = parser.parse_args()
+    if args.quick:
+        args.providers, args.trials, args.runs = [50], args.trials or 2_000, args.runs or 1
     sizes = []
     for providers in args.providers:
         trials, runs = SIZES.get(providers, (40 * providers, 1))
         sizes.append((providers, args.trials or trials, args.runs or runs))
     shape = Shape(args.trials_per_subtask, args.folds)
     if args.here:
-        run_policy(sizes, shape)
+        run_policy(sizes, shape, args.budget)
         return
-    forwarded = [a for a in sys.argv[1:] if a not in args.policy and a != "--policy"]
     for policy in args.policy:
         print(f"{'today' if policy == 'today' else 'this tree'}'s policy"
               f"{f' (mltask at {TODAY})' if policy == 'today' else ''}:", flush=True)
         with tempfile.TemporaryDirectory(prefix="mltask-today-") as tmp:
             path = [str(today_tree(Path(tmp)))] if policy == "today" else []
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
-            done = subprocess.run([sys.executable, __file__, "--here", *forwarded], env=env)
+            done = subprocess.run([sys.executable, __file__, "--here", *sys.argv[1:]], env=env)
         if done.returncode != 0:
             sys.exit(done.returncode)
 
