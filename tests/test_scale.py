@@ -64,11 +64,16 @@ def test_blatant_fakers_are_caught_and_honest_providers_are_not(runs: list) -> N
 def test_unverified_lies_show_in_the_figures(scratch: Path) -> None:
     """The figures can fail: with sampled checks off, a saboteur that hides the best configuration wins.
 
-    Without sampled checks nothing is drawn at random here (the saboteur's lowered trials
-    are never contenders), so this seed's outcome is fixed: the true best is among its trials.
+    Without checks nothing catches it; whether the true best lands among its trials depends on
+    the hand-out order, so the first of a few seeds where it does shows the outcome changed.
     """
-    fig = simulate(2, 300, 0, scratch, kinds=("saboteur_lower",), verification={"budget": 0.0, "verify_best": False})
-    assert fig.outcome_changed and fig.faked_left == fig.faked["saboteur_lower"] > 0 and fig.banned == set()
+    for seed in range(8):
+        fig = simulate(2, 300, seed, scratch, kinds=("saboteur_lower",),
+                       verification={"budget": 0.0, "verify_best": False})
+        assert fig.faked_left == fig.faked["saboteur_lower"] > 0 and fig.banned == set()
+        if fig.outcome_changed:
+            break
+    assert fig.outcome_changed
     line = report([fig], 1.0)[-1]
     assert "caught=0%" in line and "outcome_changed=100.0%" in line
 
