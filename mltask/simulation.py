@@ -177,7 +177,7 @@ class Network:
 class _Run:
     token: int
     subtask: SubtaskDefinition
-    honest: dict[str, Any]
+    honest: str  # the honest result, as JSON
     started: float
     fault: str | None  # None, "crash", "hang" or "left"
 
@@ -189,6 +189,7 @@ class _Ledger:
     busy: float = 0.0  # provider-seconds spent on subtasks
     waiting: float = 0.0  # provider-seconds idle while work waited for the requestor to hand it out
     requestor: float = 0.0  # virtual seconds of objective the requestor evaluated itself
+    cost: dict[str, float] = field(default_factory=dict)  # subtask id -> reference-core seconds it costs
     faked: dict[str, int] = field(default_factory=dict)  # provider -> trials it answered untruthfully
     subtasks: dict[str, int] = field(default_factory=dict)  # provider -> subtasks it answered
 
@@ -206,6 +207,7 @@ class SimBackend(Backend):
     def __init__(self, behaviours: dict[str, Behaviour | None], network: Network = Network(), seed: int = 0,
                  demand: Callable[[], bool] = lambda: True) -> None:
         self.behaviours = dict(behaviours)
+        self.initial_providers = len(behaviours)
         self.network = network
         self.rng = random.Random(seed)
         self.demand = demand
@@ -215,11 +217,13 @@ class SimBackend(Backend):
         self._idle: dict[str, float] = {p: 0.0 for p in behaviours}  # provider -> idle since
         self._running: dict[str, _Run] = {}
         self._events: list[tuple[float, int, str, str, int]] = []  # (time, seq, kind, provider, token)
+        self._leaves: dict[str, float] = {}  # honest provider -> when it leaves
         self._seq = 0
         self._joins = 0  # joins scheduled and not yet happened
         self._joined = 0
         self._metered = METER.ns
         self._starved_at = 0.0  # last time the task had nothing to hand out
+        self.truth: dict[tuple[str, int], Any] = {}  # (params, seed) -> its honest TrialResult, every fold
         for provider, behaviour in behaviours.items():
             if behaviour is None:
                 self._schedule_leave(provider)
@@ -234,17 +238,22 @@ class SimBackend(Backend):
         return self._joins > 0
 
     def idle_providers(self) -> list[str]:
+        """Idle providers still here: one whose time to leave passed while the requestor was busy is gone."""
         self._catch_up()
-        return list(self._idle)
+        return [p for p in self._idle if self._leaves.get(p, math.inf) > self.now]
 
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         self._catch_up()
         since = self._idle.pop(provider)
         self.ledger.waiting += self.now - max(since, self._starved_at)
         before = METER.ns
-        honest = json.loads(dumps(evaluate_subtask(subtask, self.resources_dir)))
+        result = evaluate_subtask(subtask, self.resources_dir)
         cost = (METER.ns - before) / 1e9
         self._metered = METER.ns  # the provider's compute, not the requestor's
+        self.ledger.cost[subtask.subtask_id] = cost
+        for spec, trial in zip(subtask.trials, result.trials, strict=True):
+            if getattr(spec, "folds", None) is None:
+                self.truth[trial_key(spec.params, spec.seed)] = trial
         duration = cost / self._speed[provider]
         draw = self.rng.random()
         fault = "crash" if draw < self.network.fault_rate / 2 else "hang" if draw < self.network.fault_rate else None
@@ -253,7 +262,7 @@ class SimBackend(Backend):
         elif fault == "hang" or duration > timeout:
             fault, duration = "hang", timeout
         self._seq += 1
-        self._running[provider] = _Run(self._seq, subtask, honest, self.now, fault)
+        self._running[provider] = _Run(self._seq, subtask, dumps(result), self.now, fault)
         self._push(self.now + duration, "done", provider, self._seq)
 
     def wait(self, timeout: float) -> list[Completion]:
@@ -324,10 +333,11 @@ class SimBackend(Backend):
             return Completion(provider, run.subtask, out)  # no result file: the worker died
         self.ledger.subtasks[provider] = self.ledger.subtasks.get(provider, 0) + 1
         behaviour = self.behaviours.get(provider)
-        written = run.honest if behaviour is None else behaviour(json.loads(json.dumps(run.honest)), run.subtask,
-                                                                  self.rng)
-        if behaviour is not None:
-            self.ledger.faked[provider] += faked_trials(run.honest, written)
+        if behaviour is None:
+            (out / RESULT_FILE).write_text(run.honest)
+            return Completion(provider, run.subtask, out)
+        written = behaviour(json.loads(run.honest), run.subtask, self.rng)
+        self.ledger.faked[provider] += faked_trials(json.loads(run.honest), written)
         if isinstance(written, bytes):
             (out / RESULT_FILE).write_bytes(written)
         elif written is not None:
@@ -342,7 +352,8 @@ class SimBackend(Backend):
         heapq.heappush(self._events, (at, self._seq, kind, provider, token))
 
     def _schedule_leave(self, provider: str) -> None:
-        self._push(self.now + self.rng.expovariate(1.0 / self.network.session_seconds), "leave", provider)
+        self._leaves[provider] = self.now + self.rng.expovariate(1.0 / self.network.session_seconds)
+        self._push(self._leaves[provider], "leave", provider)
 
     def _schedule_join(self) -> None:
         self._joined += 1
@@ -401,6 +412,11 @@ class SimReferee:
         self._done.clear()
 
 
+def trial_key(params: dict[str, Any], seed: int) -> tuple[str, int]:
+    """What identifies a trial's work whatever number it is sent under."""
+    return json.dumps(params, sort_keys=True), seed
+
+
 def faked_trials(honest: dict[str, Any], written: dict[str, Any] | bytes | None) -> int:
     """How many of a subtask's trials an answer gets wrong (a malformed answer: all of them)."""
     if written is None:
@@ -434,7 +450,7 @@ class Figures:
     outcome_changed: bool  # the reported best is not the honest best of the same configurations
     false_bans: int  # honest providers banned
     makespan: float
-    requestor_metered: float  # the backend's own count of requestor compute, to cross-check the store's
+    requestor_records: dict[str, float]  # the requestor's re-runs as its verdicts record them, by kind of check
 
     @property
     def eligible(self) -> set[str]:
@@ -442,7 +458,12 @@ class Figures:
 
 
 def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
-    """The figures of a finished run; ``adversaries`` are the providers that lie (not the merely outdated)."""
+    """The figures of a finished run; ``adversaries`` are the providers that lie (not the merely outdated).
+
+    Compute is in reference-core seconds of the cost model: the requestor's as the backend
+    metered it (all of its evaluations, in the loop or beside it), check subtasks' as the
+    providers were charged for them, the search's as one honest evaluation of every trial.
+    """
     from mltask.protocol import TrialSpec
     from mltask.provider import evaluator_for
 
@@ -450,18 +471,12 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     cv = task.problem.cv
     folds = 1 if cv.kind == "holdout" else cv.folds
     rows = task.store.trials()
-    params = {r.number: r.params for r in rows}
-    by_requestor = by_providers = 0.0
-    for verdict in task.store.verdicts():
-        seconds = sum(trial_seconds(params[n], folds) if f is None else fold_seconds(params[n])
-                      for n, f in json.loads(verdict["checked"]))
-        if verdict.get("by", "requestor") == "requestor":
-            by_requestor += seconds
-        else:
-            by_providers += seconds
-    useful = sum(trial_seconds(p, folds) for p in params.values())
+    checks = sum(backend.ledger.cost.get(s["subtask_id"], 0.0) for s in task.store.subtasks()
+                 if s.get("purpose") == "check")
+    useful = sum(trial_seconds(r.params, folds) for r in rows)
     evaluator = evaluator_for(task.problem, task.resources_dir)
-    truth = {r.number: evaluator.evaluate(TrialSpec(number=r.number, params=r.params, seed=r.seed)) for r in rows}
+    truth = {r.number: backend.truth.get(trial_key(r.params, r.seed)) or evaluator.evaluate(
+        TrialSpec(number=r.number, params=r.params, seed=r.seed)) for r in rows}
     faked_left = lost = 0
     for row in rows:
         honest = truth[row.number]
@@ -482,10 +497,28 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     honest_providers = {p for p, b in backend.behaviours.items() if b is None}
     ledger = backend.ledger
     return Figures(
-        providers=len([p for p in backend.behaviours if not p.startswith("joined")]), trials=len(rows),
+        providers=backend.initial_providers, trials=len(rows),
         provider_busy=ledger.busy / max(ledger.busy + ledger.waiting, 1e-12),
-        requestor_cores=by_requestor / max(makespan, 1e-12), overhead=(by_requestor + by_providers) / useful,
+        requestor_cores=ledger.requestor / max(makespan, 1e-12), overhead=(ledger.requestor + checks) / useful,
         faked={p: ledger.faked[p] for p in adversaries}, banned=bans & adversaries, faked_left=faked_left,
         lost=lost, outcome_changed=changed, false_bans=len(bans & honest_providers), makespan=makespan,
-        requestor_metered=ledger.requestor,
+        requestor_records=requestor_records(task, folds),
     )
+
+
+def requestor_records(task: Any, folds: int) -> dict[str, float]:
+    """The requestor's re-runs as the store records them, by kind of check (to cross-check the meter).
+
+    A policy that records where each check ran and what it cost is taken at its word;
+    before that (every check on the requestor, real seconds), the cost of the units checked.
+    """
+    params = {r.number: r.params for r in task.store.trials()}
+    records: dict[str, float] = {}
+    for verdict in task.store.verdicts():
+        if "by" in verdict:
+            seconds = verdict["seconds"] if verdict["by"] == "requestor" else 0.0
+        else:
+            seconds = sum(trial_seconds(params[n], folds) if f is None else fold_seconds(params[n])
+                          for n, f in json.loads(verdict["checked"]))
+        records[verdict["kind"]] = records.get(verdict["kind"], 0.0) + seconds
+    return records

@@ -37,7 +37,6 @@ from mltask.protocol import (
     result_size_limit,
 )
 from mltask.provider import evaluate_subtask
-from mltask.referee import rerun
 from mltask.scheduler import drive
 from mltask.task import HyperparameterSearchTask
 from mltask.verifier import Verifier
@@ -306,12 +305,12 @@ class Saboteur:
         return doc
 
 
-@dataclass(frozen=True)
+@dataclass
 class Insight:
     """What an adversary that knows mltask's code and watches the traffic works with."""
 
-    verifier: Verifier
     task: HyperparameterSearchTask
+    verifier: Verifier | None = None
 
 
 def replay_plan(insight: Insight, subtask: SubtaskDefinition, claimed: dict[str, Any],
@@ -341,8 +340,9 @@ class Replayer:
     Its first answer is honest (it needs real scores to imitate). After that, invented
     scores stay below the best so far, so no invented trial is a contender for the best
     (which the verifier would re-run). Against a verifier it cannot replay it has to guess
-    the unit that will be checked. ``answers`` shared between two replayers makes them
-    colluders (:func:`colluders`).
+    the unit that will be checked. Sent folds of someone else's trial to check, it answers
+    honestly, unless ``answers`` shared with a partner hold that trial: then it repeats the
+    partner's answer (:func:`colluders`).
     """
 
     def __init__(self, insight: Insight, name: str, answers: dict[tuple[str, int], dict[str, Any]] | None = None):
@@ -352,12 +352,12 @@ class Replayer:
 
     def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
         honest = json.loads(json.dumps(doc))
-        repeated = self._repeat(doc)
+        repeated = self._repeat(doc, subtask)
         best = self.insight.task.progress().best_value
         invented = [t for t in _ok_trials(doc) if t["number"] not in repeated]
         if best is None or not self.pool:
             self.pool.extend(s for t in invented for s in t["fold_scores"])
-            return self._remember(doc)
+            return self._remember(doc, subtask)
         for trial in invented:
             _invent(trial, self.pool, best - 0.002, rng)
         plan = replay_plan(self.insight, subtask, doc, self.name)
@@ -377,22 +377,35 @@ class Replayer:
             trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
             _consistent(trial)
         if replay_plan(self.insight, subtask, doc, self.name) not in (None, plan):
-            return self._remember(honest)  # a real fold made a contender: this once, be honest
-        return self._remember(doc)
+            return self._remember(honest, subtask)  # a real fold made a contender: this once, be honest
+        return self._remember(doc, subtask)
 
-    def _repeat(self, doc: dict[str, Any]) -> set[int]:
-        """Answer what a partner answered before exactly as it did; the trial numbers repeated."""
-        repeated = set()
-        for i, trial in enumerate(doc["trials"]):
-            said = self.answers.get((json.dumps(trial["params"], sort_keys=True), trial["seed"]))
-            if said is not None:
+    def _repeat(self, doc: dict[str, Any], subtask: SubtaskDefinition) -> set[int]:
+        """Answer trials (or folds of them, to check) that were answered before as they were; their numbers.
+
+        Folds of a trial nobody it knows answered are left honest: lying to a check is
+        contradicting someone, and the requestor referees contradictions.
+        """
+        handled = set()
+        for i, (spec, trial) in enumerate(zip(subtask.trials, doc["trials"], strict=True)):
+            said = self.answers.get((json.dumps(spec.params, sort_keys=True), spec.seed))
+            folds = getattr(spec, "folds", None)
+            if folds is not None:
+                handled.add(trial["number"])
+                if said is not None and said["status"] == trial["status"] == "ok":
+                    trial["fold_scores"] = [said["fold_scores"][f] for f in folds]
+                    trial["fold_fingerprints"] = [said["fold_fingerprints"][f] for f in folds]
+                    trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+                    _consistent(trial)
+            elif said is not None:
                 doc["trials"][i] = dict(said, number=trial["number"])
-                repeated.add(trial["number"])
-        return repeated
+                handled.add(trial["number"])
+        return handled
 
-    def _remember(self, doc: dict[str, Any]) -> dict[str, Any]:
-        for trial in doc["trials"]:
-            self.answers[(json.dumps(trial["params"], sort_keys=True), trial["seed"])] = trial
+    def _remember(self, doc: dict[str, Any], subtask: SubtaskDefinition) -> dict[str, Any]:
+        for spec, trial in zip(subtask.trials, doc["trials"], strict=True):
+            if getattr(spec, "folds", None) is None:
+                self.answers[(json.dumps(spec.params, sort_keys=True), spec.seed)] = trial
         return doc
 
 
@@ -454,6 +467,8 @@ class InlineReferee:
         self.submitted = 0
 
     def submit(self, key: Hashable, trial: TrialSpec) -> None:
+        from mltask.referee import rerun  # here: bench/scale.py also runs this module against mltask before v2
+
         text, seconds = rerun(dumps(self.problem), str(self.resources_dir), dumps(trial))
         self._done.append((key, TrialResult.model_validate_json(text), seconds))
         self.submitted += 1
