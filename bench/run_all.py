@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["compare_sklearn.py", "overhead.py", "verification.py", "resume.py", "docker_overhead.py"]
+BENCHES = ["compare_sklearn.py", "overhead.py", "verification.py", "scale.py", "resume.py", "docker_overhead.py"]
 
 if __name__ == "__main__":
     quick = ["--quick"] if "--quick" in sys.argv[1:] else []

@@ -21,19 +21,28 @@ as one line, the last line of all being the last size of the last policy::
   the best of an honest run with the same seed, without running it);
 - false_bans: honest providers banned, summed over runs.
 
+Compute is counted in reference-core seconds of the cost model (see :mod:`mltask.simulation`),
+so the figures do not depend on this machine; nor does anything else printed except the
+real seconds each size took.
+
 Policies: ``today`` is mltask at commit ``TODAY`` (before verification v2), run from a copy
 of that commit's package extracted from git; ``tree`` is the code in this working tree.
 
     python bench/scale.py [--providers N ...] [--runs R] [--trials T] [--policy today|tree ...]
 
-Default: both policies at 50, 500 and 5,000 providers with the runs and trials in ``SIZES``,
-chosen so the whole command takes about 10-15 minutes on a loaded 2-core machine.
+Default: both policies at 50, 500 and 5,000 providers with the trials and runs in ``SIZES``
+(10,000 trials x 3 runs at 50 providers, so that every adversary gets the 30-odd subtasks
+the patient one needs; 20,000 x 1 at 500; 40,000 x 1 at 5,000), about 10-15 minutes on a
+loaded 2-core machine. A single run per size says nothing about a rate like
+``outcome_changed <= 1%``; ``--runs`` buys more. A run that takes more than ``--budget``
+real seconds is stopped and reported as not measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import random
 import shutil
@@ -55,7 +64,7 @@ if str(ROOT) not in sys.path:
 TODAY = "2116bfb"  # main when issue 11 (verification v2) was filed
 POLICIES = ("today", "tree")
 # providers -> (trials per run, runs)
-SIZES: dict[int, tuple[int, int]] = {50: (2_000, 4), 500: (20_000, 1), 5000: (40_000, 1)}
+SIZES: dict[int, tuple[int, int]] = {50: (10_000, 3), 500: (20_000, 1), 5000: (40_000, 1)}
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,18 @@ def cast(insight: Any, kinds: Collection[str] | None = None) -> tuple[dict[str, 
     return cheats, {name for name in cheats if kind_of(name) != "outdated"}
 
 
+class TooSlow(Exception):
+    """A run took more real time than its budget: the policy's own loop costs too much at this size."""
+
+
 def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape = Shape(),
-             kinds: Collection[str] | None = None) -> Any:
-    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures."""
+             kinds: Collection[str] | None = None, budget: float = math.inf,
+             verification: dict[str, Any] | None = None) -> Any:
+    """One search on ``providers`` simulated providers, adversaries of ``kinds`` among them; its figures.
+
+    ``verification`` overrides the task's verification options. Raises :class:`TooSlow`
+    once it has taken ``budget`` seconds of real time.
+    """
     from mltask.definition import parse_definition
     from mltask.scheduler import drive
     from mltask.simulation import SimBackend, measure, synthetic_task
@@ -111,7 +129,7 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
 
     out = scratch / f"run{seed}"
     data = synthetic_task(out / "task", n_trials=trials, trials_per_subtask=shape.trials_per_subtask,
-                          folds=shape.folds, seed=seed)
+                          folds=shape.folds, seed=seed, verification=verification)
     task = HyperparameterSearchTask.create(parse_definition(data), out, out / "out")
     try:
         insight = Insight(task)
@@ -121,7 +139,14 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
         backend = SimBackend({n: adversaries.get(n) for n in names}, seed=seed, demand=task.has_pending_subtasks)
         backend.start(task.resources_dir, out / "scratch")
         insight.verifier = verifier = simulated_verifier(task, backend)
-        status = drive(task, backend, timeout=10**9, verifier=verifier)
+        deadline = time.monotonic() + budget
+
+        def watch(progress: Any) -> None:
+            if time.monotonic() > deadline:
+                raise TooSlow(f"{progress.done + progress.failed} of {trials} trials settled in {budget:.0f} s of "
+                              f"real time, at {backend.clock() / 3600:.1f} h of virtual time")
+
+        status = drive(task, backend, timeout=10**9, verifier=verifier, on_update=watch)
         if status != "finished":
             raise RuntimeError(f"the simulated search stopped: {status}")
         return measure(task, backend, liars)
@@ -167,7 +192,8 @@ def report(figures: list[Any], seconds: float) -> list[str]:
     return [
         f"  {runs} run(s) in {seconds:.0f} s; missed (caught/faked 10+): {', '.join(missed) or 'none'}; runs with "
         f"faked results left: {sum(f.faked_left > 0 for f in figures)}; trials lost to retries: "
-        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h; "
+        f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h, "
+        f"{sum(f.makespan * f.providers / f.useful for f in figures) / runs:.1f}x the search's compute per provider; "
         f"requestor compute: {_requestor(figures)}",
         f"scale: providers={figures[0].providers} trials={figures[0].trials} provider_busy={busy:.2f} "
         f"requestor_cores={cores:.2g} overhead={100 * overhead:.1f}% "
@@ -201,12 +227,16 @@ def _requestor(figures: list[Any]) -> str:
     return ", ".join([*shares, *([f"not in the store {unrecorded:.0%}"] if unrecorded > 0.005 else [])]) or "none"
 
 
-def run_policy(sizes: list[tuple[int, int, int]], shape: Shape) -> None:
+def run_policy(sizes: list[tuple[int, int, int]], shape: Shape, budget: float) -> None:
     """Every size with the code importable here; prints as it goes."""
     with scratch_dir() as tmp:
         for providers, trials, runs in sizes:
             started = time.perf_counter()
-            figures = [simulate(providers, trials, seed, tmp, shape) for seed in range(runs)]
+            try:
+                figures = [simulate(providers, trials, seed, tmp, shape, budget=budget) for seed in range(runs)]
+            except TooSlow as exc:
+                print(f"  {providers} providers: not measured, the simulation was stopped: {exc}", flush=True)
+                continue
             for line in report(figures, time.perf_counter() - started):
                 print(line, flush=True)
 
@@ -234,24 +264,27 @@ def main() -> None:
     parser.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--trials-per-subtask", type=int, default=Shape.trials_per_subtask)
     parser.add_argument("--folds", type=int, default=Shape.folds, help="CV folds; 1 means holdout")
+    parser.add_argument("--quick", action="store_true", help="one run of 50 providers and 2,000 trials per policy")
+    parser.add_argument("--budget", type=float, default=300.0, help="real seconds a run may take (default %(default)s)")
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # run with the importable mltask
     args = parser.parse_args()
+    if args.quick:
+        args.providers, args.trials, args.runs = [50], args.trials or 2_000, args.runs or 1
     sizes = []
     for providers in args.providers:
         trials, runs = SIZES.get(providers, (40 * providers, 1))
         sizes.append((providers, args.trials or trials, args.runs or runs))
     shape = Shape(args.trials_per_subtask, args.folds)
     if args.here:
-        run_policy(sizes, shape)
+        run_policy(sizes, shape, args.budget)
         return
-    forwarded = [a for a in sys.argv[1:] if a not in args.policy and a != "--policy"]
     for policy in args.policy:
         print(f"{'today' if policy == 'today' else 'this tree'}'s policy"
               f"{f' (mltask at {TODAY})' if policy == 'today' else ''}:", flush=True)
         with tempfile.TemporaryDirectory(prefix="mltask-today-") as tmp:
             path = [str(today_tree(Path(tmp)))] if policy == "today" else []
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
-            done = subprocess.run([sys.executable, __file__, "--here", *forwarded], env=env)
+            done = subprocess.run([sys.executable, __file__, "--here", *sys.argv[1:]], env=env)
         if done.returncode != 0:
             sys.exit(done.returncode)
 

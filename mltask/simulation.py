@@ -191,7 +191,6 @@ class _Ledger:
     requestor: float = 0.0  # virtual seconds of objective the requestor evaluated itself
     cost: dict[str, float] = field(default_factory=dict)  # subtask id -> reference-core seconds it costs
     faked: dict[str, int] = field(default_factory=dict)  # provider -> trials it answered untruthfully
-    subtasks: dict[str, int] = field(default_factory=dict)  # provider -> subtasks it answered
 
 
 class SimBackend(Backend):
@@ -302,12 +301,7 @@ class SimBackend(Backend):
         self._events.clear()
 
     def clock(self) -> float:
-        """The virtual time now, for the requestor's own measurements (time out, patience)."""
-        self._catch_up()
-        return self.now
-
-    def makespan(self) -> float:
-        """Virtual seconds from the start to now, the requestor's last re-runs included."""
+        """The virtual time now (the requestor's re-runs so far included), for its measurements and the figures."""
         self._catch_up()
         return self.now
 
@@ -331,7 +325,6 @@ class SimBackend(Backend):
         (out / RESULT_FILE).unlink(missing_ok=True)
         if run.fault == "crash":
             return Completion(provider, run.subtask, out)  # no result file: the worker died
-        self.ledger.subtasks[provider] = self.ledger.subtasks.get(provider, 0) + 1
         behaviour = self.behaviours.get(provider)
         if behaviour is None:
             (out / RESULT_FILE).write_text(run.honest)
@@ -450,6 +443,7 @@ class Figures:
     outcome_changed: bool  # the reported best is not the honest best of the same configurations
     false_bans: int  # honest providers banned
     makespan: float
+    useful: float  # reference-core seconds of one honest evaluation of every trial
     requestor_records: dict[str, float]  # the requestor's re-runs as its verdicts record them, by kind of check
 
     @property
@@ -467,7 +461,7 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     from mltask.protocol import TrialSpec
     from mltask.provider import evaluator_for
 
-    makespan = backend.makespan()
+    makespan = backend.clock()
     cv = task.problem.cv
     folds = 1 if cv.kind == "holdout" else cv.folds
     rows = task.store.trials()
@@ -502,7 +496,7 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
         requestor_cores=ledger.requestor / max(makespan, 1e-12), overhead=(ledger.requestor + checks) / useful,
         faked={p: ledger.faked[p] for p in adversaries}, banned=bans & adversaries, faked_left=faked_left,
         lost=lost, outcome_changed=changed, false_bans=len(bans & honest_providers), makespan=makespan,
-        requestor_records=requestor_records(task, folds),
+        useful=useful, requestor_records=requestor_records(task, folds),
     )
 
 
