@@ -39,8 +39,9 @@ For each accepted subtask the policy plans:
   neighbours, so both draw checks; the mean normalisers keep the budget.
 - **first subtask** of each provider: at least one unit, unless the budget cannot afford
   one check per provider (thousands of providers each doing a few one-trial subtasks): then
-  with the probability the budget's half allows; either way scaled down by ``pace`` when
-  the budget is already spent, so warm-ups come out of the budget, not on top of it.
+  with the probability the budget's half allows. Not paced: a provider that fakes every
+  result must meet a check at once (pacing it by a budget not yet earned early in a task let
+  such fakers through in 2 of 5 harness runs); its cost is charged, so later samples pay.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -190,7 +191,7 @@ class CheckPolicy:
             m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
                  * self._pace())
             if record.accepted == 1:  # a provider's first subtask
-                m = max(m, self._warmup_probability(len(ok), providers) * min(1.0, self._pace()))
+                m = max(m, self._warmup_probability(len(ok), providers))
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
