@@ -11,7 +11,10 @@ For each accepted subtask the policy plans:
   by the requestor: hiding a good configuration as a crash is the cheapest sabotage, and
   sampling would miss it.
 - **contenders**: a trial whose claimed score beats the best so far gets one random fold
-  checked, always; a faked high score is what changes the outcome.
+  checked while its provider has passed fewer than ``CONTENDER_TRUST`` (2) checks. After
+  that the best's final full re-run guards it: a faked best fails it, and the ban reopens
+  everything its provider reported (on a 40-trial task each contender check costs 2.5% of
+  the search, and a random search has ~ln(trials) new bests).
 
   Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
   it off and ``budget`` 0, nothing is re-run at all.
@@ -22,7 +25,8 @@ For each accepted subtask the policy plans:
   ``budget * seconds_out`` is this subtask's share of the verification budget in seconds,
   ``unit_cost`` what one checked unit costs as measured so far (check subtasks' time out
   per unit, so per-subtask overheads count), ``pace`` pulls the spending back to 90% of the
-  budget (between 0.25 and 2) when mandatory checks or estimates drifted. ``risk`` is
+  budget less one trial kept for the best's final re-run (between 0.25 and 2) when mandatory
+  checks or estimates drifted. ``risk`` is
   per provider, BOINC's adaptive replication: ``max(floor, h / (h + passed))`` after
   ``passed`` passed checks, so new providers are checked most and a patient cheater still
   at ``floor`` (0.2) of the new rate; a provider whose scores are systematically low (a
@@ -35,7 +39,9 @@ For each accepted subtask the policy plans:
   neighbours, so both draw checks; the mean normalisers keep the budget.
 - **first subtask** of each provider: at least one unit, unless the budget cannot afford
   one check per provider (thousands of providers each doing a few one-trial subtasks): then
-  with the probability the budget's half allows.
+  with the probability the budget's half allows. Not paced: a provider that fakes every
+  result must meet a check at once (pacing it by a budget not yet earned early in a task let
+  such fakers through in 2 of 5 harness runs); its cost is charged, so later samples pay.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -67,6 +73,7 @@ NEIGHBOURS = 5
 PACE_RANGE = (0.25, 2.0)
 PACE_TARGET = 0.9
 WARMUP_SHARE = 0.5
+CONTENDER_TRUST = 2
 _EMA = 0.05
 
 
@@ -188,14 +195,15 @@ class CheckPolicy:
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
-        if self.protect_best:
+        if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
         return units
 
     def _pace(self) -> float:
-        allowed = PACE_TARGET * self.budget * self.useful  # aim under the budget: estimates lag
-        if allowed <= 0:
-            return 1.0
+        # aim under the budget (estimates lag), keeping back the final re-run of the best (one trial)
+        allowed = PACE_TARGET * self.budget * self.useful - (self.unit_cost() * self.folds if self.protect_best else 0)
+        if allowed <= 0:  # nothing yet (1), or a budget the best's re-run alone exceeds (the least)
+            return 1.0 if self.useful <= 0 else PACE_RANGE[0]
         low, high = PACE_RANGE
         return min(high, max(low, 1.0 + (allowed - self.spent - self.committed) / allowed))
 

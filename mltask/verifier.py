@@ -178,6 +178,9 @@ class Verifier:
         self._providers: set[str] = set()
         self._durations: list[float] = []  # recent search subtasks' time out, for the patience
         self._best: int | None = None  # check id of the pending best re-run
+        # (subtask, trial) -> folds the requestor re-ran and found as claimed: the best's full
+        # re-run skips them (cross checks do not count: the checker may collude)
+        self._rerun: dict[tuple[str, int], set[int]] = {}
         self._resume()
 
     # -- the scheduler's interface --------------------------------------------------------
@@ -296,7 +299,11 @@ class Verifier:
         if row is None or row.verified == "full" or not self.options.verify_best:
             return True
         if self._best is None or self._best not in self._checks:
-            self._best = self._plan_row(row, "best", [(row.number, None)]).id
+            assert row.subtask_id is not None
+            done = self._rerun.get((row.subtask_id, row.number), set())
+            units: list[Unit] = [(row.number, f) for f in range(self.folds) if f not in done] if done else [
+                (row.number, None)]
+            self._best = self._plan_row(row, "best", units).id
         return False
 
     # -- internals ------------------------------------------------------------------------
@@ -434,8 +441,7 @@ class Verifier:
             self.task.store.resolve_check(check.id, "failed")
             self._ban(check.provider, claim_wrong)
         else:
-            whole = all(fold is None for _, fold in check.units)
-            self._pass(check, "full" if whole else "spot")
+            self._pass(check, "spot", by_requestor=True)
         return None
 
     def _not_deterministic(self, difference: str) -> None:
@@ -448,13 +454,19 @@ class Verifier:
         )
         raise TaskError(field_, f"{what} is not deterministic given `seed` ({difference}); {fix}")
 
-    def _pass(self, check: _Check, how: str) -> None:
+    def _pass(self, check: _Check, how: str, by_requestor: bool = False) -> None:
+        """The check agreed; a trial whose every fold the requestor has re-run is verified 'full'."""
         self.task.store.resolve_check(check.id, "passed")
         del self._checks[check.id]
         if check.kind == "spot":
             self.policy.passed(check.provider)
-        for number in {n for n, _ in check.units}:
-            self.task.mark_verified(number, how, check.subtask_id)
+        for number, folds in _folds(check.units, self.folds).items():
+            if not by_requestor:
+                self.task.mark_verified(number, how, check.subtask_id)
+                continue
+            done = self._rerun.setdefault((check.subtask_id, number), set())
+            done |= folds
+            self.task.mark_verified(number, "full" if len(done) == self.folds else how, check.subtask_id)
 
     def _record(self, check: _Check, *, ok: bool, by: str, seconds: float, reason: str | None = None) -> None:
         """The verdict on the checked provider's claim, from the run ``by`` a checker or the requestor."""
@@ -528,3 +540,11 @@ def _score_lists(claim: TrialResult, other: TrialResult) -> Iterator[tuple[str, 
         mine, theirs = getattr(claim, kind), getattr(other, kind)
         for name in sorted(set(mine) | set(theirs)):
             yield label.format(name), mine.get(name, []), theirs.get(name, [])
+
+
+def _folds(units: list[Unit], folds: int) -> dict[int, set[int]]:
+    """The folds each trial's units cover (``None``: all ``folds`` of them)."""
+    covered: dict[int, set[int]] = {}
+    for number, fold in units:
+        covered.setdefault(number, set()).update(range(folds) if fold is None else (fold,))
+    return covered

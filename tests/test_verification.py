@@ -183,6 +183,21 @@ def test_a_single_provider_is_checked_by_the_requestor(tmp_path: Path) -> None:
     assert not task.store.subtasks("check")
 
 
+def test_the_best_re_run_skips_folds_the_requestor_already_re_ran(tmp_path: Path) -> None:
+    """Regression: the best's full re-run repeated the fold its contender check had re-run and agreed."""
+    task, _, _ = run_inline(_search(), tmp_path / "out", {"solo": None})
+    best = task.best_trial()
+    assert best.verified == "full"
+    runs: dict[int, int] = {}
+    for v in task.store.verdicts():
+        if v["ok"] and v["subtask_id"] == best.subtask_id:
+            for number, fold in json.loads(v["checked"]):
+                if number == best.number:
+                    for f in range(5) if fold is None else [fold]:
+                        runs[f] = runs.get(f, 0) + 1
+    assert runs == dict.fromkeys(range(5), 1)  # every fold re-run by the requestor, none twice
+
+
 def test_checks_are_drawn_from_the_os_not_the_task_seed(tmp_path: Path) -> None:
     plans = []
     for run in range(2):
