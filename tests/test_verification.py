@@ -61,8 +61,17 @@ def honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float | None]:
     return _scores(task)
 
 
-def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | None]) -> None:
-    """What holds whatever the draws: honest never banned, failures re-run, the best honest and re-run in full."""
+# Lies that only sampling can catch: a saboteur lowering good trials is caught when a check
+# lands on one (weighted towards them by their neighbours' scores), not for certain, so the
+# true best can stay hidden in some runs (README, "What sampling cannot catch cheaply";
+# bench/verification.py measures how often). The other guarantees hold for it too.
+SAMPLED_ONLY = {"lower_good"}
+
+
+def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | None],
+                       outcome: bool = True) -> None:
+    """What holds whatever the draws: honest never banned, failures re-run, the best re-run in full and,
+    unless ``outcome`` is false (a lie only sampling catches), the honest best."""
     bans = set(task.store.bans())
     assert bans <= cheaters, bans
     verdicts = task.store.verdicts()
@@ -73,6 +82,8 @@ def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | 
             assert row.number in reruns or row.verified == "full", row.number  # every claimed failure re-run
     best = task.best_trial()
     assert best.verified == "full"
+    if not outcome:
+        return
     assert best.value == max(v for v in honest.values() if v is not None)  # the outcome is the honest one
     assert _scores(task)[json.dumps(best.params, sort_keys=True)] == honest[json.dumps(best.params, sort_keys=True)]
 
@@ -99,7 +110,7 @@ def test_adversaries_cannot_change_the_outcome(adversary: str, tmp_path: Path, h
     cheats = {"honest": None, "other": None, "cheat": ADVERSARIES[adversary]()}
     task, _, status = run_inline(_search(), tmp_path / "out", cheats)
     assert status == "finished"
-    _assert_guarantees(task, {"cheat"}, honest)
+    _assert_guarantees(task, {"cheat"}, honest, outcome=adversary not in SAMPLED_ONLY)
     if adversary == "hide_best":  # a claimed failure is always re-run: the saboteur is always caught
         assert set(task.store.bans()) == {"cheat"}
 
@@ -123,7 +134,7 @@ def test_adversaries_on_real_worker_processes(adversary: str, tmp_path: Path, ho
         cheats = {"local-2": CHEATS.get(adversary) or ADVERSARIES[adversary]()}
     task, _, status = run_local(_search(), tmp_path / "out", cheats, workers=3)
     assert status == "finished"
-    _assert_guarantees(task, set(cheats), honest)
+    _assert_guarantees(task, set(cheats), honest, outcome=adversary not in SAMPLED_ONLY)
     if adversary in BLATANT:
         assert set(task.store.bans()) == set(cheats)
 
