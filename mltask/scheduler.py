@@ -75,8 +75,10 @@ def _run(
         idle = backend.idle_providers()
         for provider in idle:
             verifier.saw(provider)
-        for provider in task.hand_out_order([p for p in idle if not task.is_banned(p)]):
-            subtask = verifier.next_check(provider) or task.next_subtask(provider)
+        order = task.hand_out_order([p for p in idle if not task.is_banned(p)])
+        checks = verifier.hand_checks(order)
+        for provider in order:
+            subtask = checks.get(provider) or task.next_subtask(provider)
             if subtask is None:
                 continue
             backend.submit(provider, subtask, min(subtask_timeout, max(1.0, deadline - clock())))
