@@ -117,16 +117,21 @@ def _evaluator(problem_json: str, resources_dir: Path) -> TrialEvaluator:
 
 
 @functools.lru_cache(maxsize=1)
-def _threadpools() -> Any:
-    # Finding the BLAS/OpenMP libraries costs ~3 ms; do it once per process, not per subtask.
+def _threadpools(_modules: int) -> Any:
+    # Finding the BLAS/OpenMP libraries costs ~3 ms: done again only when modules were imported
+    # since (a new estimator's package may bring its own OpenMP, as LightGBM does), not per subtask.
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
 
 
 def one_thread() -> Any:
-    """Context: one BLAS/OpenMP thread, so scores do not depend on the thread count."""
-    return _threadpools().limit(limits=1)
+    """Context: one BLAS/OpenMP thread, so scores do not depend on the thread count.
+
+    Regression: a controller made once per process missed the OpenMP of a package imported
+    after it, whose pool then ran two threads (the refit test, after the LightGBM tests).
+    """
+    return _threadpools(len(sys.modules)).limit(limits=1)
 
 
 def evaluate_subtask(subtask: SubtaskDefinition, resources_dir: Path,

@@ -325,3 +325,18 @@ def test_dataset_errors_never_quote_the_file(tmp_path: Path) -> None:
     with pytest.raises(TaskError, match=r"cannot read data\.npz as NPZ without pickle") as caught:
         load_dataset(DatasetSpec(npz="data.npz"), tmp_path)
     assert "SECRET" not in str(caught.value)
+
+
+def test_one_thread_limits_the_openmp_of_packages_imported_after_its_first_use() -> None:
+    """Regression: the thread-pool controller was made once per process, so LightGBM's or
+    XGBoost's OpenMP, loaded after it, ran with two threads (scores could depend on it)."""
+    probe = (
+        "from threadpoolctl import threadpool_info\n"
+        "from mltask.provider import one_thread\n"
+        "with one_thread():\n    pass\n"
+        "import lightgbm, xgboost\n"
+        "with one_thread():\n    print(sorted({i['num_threads'] for i in threadpool_info()}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[1]"
