@@ -288,10 +288,7 @@ class Verifier:
             task.record_verdict(verdict)
             task.store.set_seconds_out(subtask_id, seconds_out)
             task.reject(subtask_id, f"{provider}: {verdict.reason}")
-            if verdict.kind == "version":  # an outdated image, not a cheat: drop it, keep its work
-                task.drop(provider, verdict.reason or "other versions")
-            else:
-                self._ban(provider, verdict.reason or "wrong result")
+            self._distrust(verdict)
             return
         task.accept(result, seconds_out=seconds_out)
         self._durations = ([*self._durations, seconds_out])[-50:]
@@ -414,10 +411,7 @@ class Verifier:
         if not verdict.ok:
             self.task.record_verdict(verdict)
             self.task.settle_check(subtask_id, "rejected", f"{checker}: {verdict.reason}", seconds_out)
-            if verdict.kind == "version":
-                self.task.drop(checker, verdict.reason or "other versions")
-            else:
-                self._ban(checker, verdict.reason or "wrong result")
+            self._distrust(verdict)
             check.assignee, check.planned_at = None, self.clock()
             return None
         self.task.settle_check(subtask_id, "checked", None, seconds_out)
@@ -500,6 +494,13 @@ class Verifier:
         self.task.record_verdict(Verdict(check.subtask_id, check.provider, ok=ok, kind=check.kind,
                                          checked=list(check.units), reason=reason, seconds=seconds, by=by,
                                          check_id=check.id))
+
+    def _distrust(self, verdict: Verdict) -> None:
+        """Act on a broken answer: an outdated image is not a cheat (dropped, its work kept); anything else bans."""
+        if verdict.kind == "version":
+            self.task.drop(verdict.provider, verdict.reason or "other versions")
+        else:
+            self._ban(verdict.provider, verdict.reason or "wrong result")
 
     def _ban(self, provider: str, reason: str) -> None:
         """Ban ``provider``; its checks are moot (its work is reopened), checks it holds go elsewhere."""
