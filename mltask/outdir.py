@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mltask.errors import TaskError
 from mltask.protocol import Problem
-from mltask.report import PLOT_FILE, REPORT_FILE
+from mltask.report import PLOT_FILE, REPORT_FILE, RUNGS_PLOT_FILE
 from mltask.results import BEST_JSON, MODEL_FILE, RESULTS_CSV, RESULTS_JSON
 from mltask.store import LOCK_FILE, StateLock, Store, state_errors
 
@@ -37,7 +37,7 @@ STATE_FILE = "state.db"
 RESOURCES_DIR = "resources"
 SCRATCH_DIR = "scratch"
 TASK_FILES = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", RESULTS_JSON, RESULTS_CSV, BEST_JSON, MODEL_FILE,
-              REPORT_FILE, PLOT_FILE)
+              REPORT_FILE, PLOT_FILE, RUNGS_PLOT_FILE)
 ADOPTED = "adopted_resources"  # meta key: resources that were the user's files in place, not copies
 _CACHE = "__pycache__"  # Python's bytecode of a script resource, written beside it on import
 

@@ -11,6 +11,7 @@ from mltask.results import Summary, format_value
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "convergence.png"
+RUNGS_PLOT_FILE = "rungs.png"
 _LEADERBOARD_ROWS = 15
 _ERRORS_LISTED = 10
 
@@ -43,6 +44,52 @@ def plot_convergence(summary: Summary, path: Path) -> None:
     ax.set_ylabel(f"{summary.scoring} ({summary.direction})")
     ax.set_title(f"{summary.name}: {summary.algorithm} search")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right" if summary.direction == "maximize" else "upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def has_rungs(summary: Summary) -> bool:
+    """Whether the search was multi-fidelity: its trials carry their rung evaluations."""
+    return any(r.get("rungs") for r in summary.rows)
+
+
+def plot_rungs(summary: Summary, path: Path) -> None:
+    """Each trial's score at each resource it was evaluated at: was stopping the others early right?
+
+    One line per trial through its rung evaluations (log resource axis, as rungs grow by the
+    reduction factor); trials promoted past their first rung are drawn in colour, the ones
+    stopped at it as grey dots, and the reported best is starred at the resource it was
+    measured at.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    best = summary.best
+    stopped = promoted = 0
+    for row in summary.rows:
+        points = sorted((r["resource"], r["mean_score"]) for r in row.get("rungs") or []
+                        if r["status"] == "ok" and r["mean_score"] is not None)
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        if len(points) == 1:
+            ax.plot(xs, ys, "o", ms=3, color="C7", alpha=0.5, label=None if stopped else "stopped at its first rung")
+            stopped += 1
+        else:
+            ax.plot(xs, ys, "-o", ms=3, lw=1, color="C0", alpha=0.7, label=None if promoted else "promoted")
+            promoted += 1
+        if row is best:
+            ax.plot(xs[-1:], ys[-1:], "*", ms=14, color="C3", label=f"best (trial {row['number']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("resource")
+    ax.set_ylabel(f"{summary.scoring} ({summary.direction})")
+    ax.set_title(f"{summary.name}: score against resource, {promoted} of {promoted + stopped} trials promoted")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right" if summary.direction == "maximize" else "upper right")
     fig.tight_layout()
     fig.savefig(path)
@@ -107,6 +154,11 @@ def write_report(output_dir: Path, summary: Summary, notes: list[str], timing: d
         plot_convergence(summary, output_dir / PLOT_FILE)
         failed = f" Crosses on the x axis mark the {counts['failed']} failed trials." if counts["failed"] else ""
         lines += ["## Convergence", "", f"![convergence]({PLOT_FILE}){failed}", ""]
+        if has_rungs(summary):
+            plot_rungs(summary, output_dir / RUNGS_PLOT_FILE)
+            lines += ["## Score against resource", "",
+                      f"![score against resource]({RUNGS_PLOT_FILE}) One line per trial through its rung "
+                      "evaluations; grey dots were stopped at their first rung; the star is the reported best.", ""]
     lines += ["## Leaderboard", "", *_leaderboard(summary), ""]
     lines += _failures(summary)
     path = output_dir / REPORT_FILE
