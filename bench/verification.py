@@ -9,7 +9,11 @@
     runs it was banned in, and of runs whose reported best is the honest best; (d) honest
     runs with a false ban (goal 0).
 (c) and (d) run 3 inline providers (one of them the adversary; two colluders for
-``colluders``) on a 40-trial, 10-subtask, 5-fold task.
+``colluders``) on a 40-trial, 10-subtask, 5-fold task; (e) and (f) repeat them on a
+multi-fidelity version of it (ASHA over training rows, ``options.fidelity``), with two more
+adversaries that lie only below the maximum resource, to steer which configurations are
+trained further: ``promote_bad`` inflates its bad low-rung scores, ``prune_good`` lowers its
+good ones (``tests.dishonest.RungLiar``).
 
     python bench/verification.py [--quick] [--runs N]
 """
@@ -20,6 +24,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mltask import run_task  # noqa: E402
-from tests.dishonest import ADVERSARIES, CHEATS, Colluders, run_inline  # noqa: E402
+from tests.dishonest import ADVERSARIES, CHEATS, RUNG_ADVERSARIES, Cheat, Colluders, run_inline  # noqa: E402
 from tests.support import task_dict  # noqa: E402
 
 TEMPLATES = ROOT / "task_templates"
@@ -61,34 +66,46 @@ def _task(seed: int) -> dict[str, Any]:
     return data
 
 
-def catch_rates(runs: int) -> None:
-    kinds = sorted(CHEATS) + sorted(ADVERSARIES) + ["colluders"]
+FIDELITY = {"resource": "n_samples", "min_resource": 12, "max_resource": 108, "reduction_factor": 3}
+
+
+def _fidelity_task(seed: int) -> dict[str, Any]:
+    """The same search with successive halving over 12, 36 and 108 of iris's 120 training rows per fold."""
+    data = _task(seed)
+    data["options"]["fidelity"] = FIDELITY
+    return data
+
+
+def catch_rates(runs: int, make_task: Callable[[int], dict[str, Any]], labels: tuple[str, str],
+                extra: dict[str, Callable[[], Cheat]] | None = None) -> None:
+    """Catch and outcome rates per adversary on ``make_task``'s search; ``labels`` name the two figures."""
+    kinds: dict[str, Callable[[], Cheat] | None] = {
+        **{k: (lambda c=c: c) for k, c in CHEATS.items()}, **ADVERSARIES, "colluders": None, **(extra or {})}
     with tempfile.TemporaryDirectory() as tmp:
         honest_best, false_bans = {}, 0
         for seed in range(runs):
-            task, _, _ = run_inline(_task(seed), Path(tmp) / f"h{seed}" / "out", {"a": None, "b": None, "c": None},
-                                    seed=seed)
+            task, _, _ = run_inline(make_task(seed), Path(tmp) / f"h{seed}" / "out",
+                                    {"a": None, "b": None, "c": None}, seed=seed)
             honest_best[seed] = task.best_trial().value
             false_bans += bool(task.store.bans())
-        for kind in kinds:
+        for kind, make in kinds.items():
             faking = caught = outcome = 0
             for seed in range(runs):
-                if kind == "colluders":
+                if make is None:
                     ring = Colluders()
                     cheats = {"honest": None, "c1": ring.cheat, "c2": ring.cheat}
                 else:
-                    cheat = CHEATS.get(kind) or ADVERSARIES[kind]()
-                    cheats = {"honest": None, "other": None, "cheat": cheat}
+                    cheats = {"honest": None, "other": None, "cheat": make()}
                 bad = {name for name, cheat in cheats.items() if cheat is not None}
-                task, backend, _ = run_inline(_task(seed), Path(tmp) / f"{kind}{seed}" / "out", cheats, seed=seed)
+                task, backend, _ = run_inline(make_task(seed), Path(tmp) / f"{kind}{seed}" / "out", cheats, seed=seed)
                 if not any(backend.faked[name] for name in bad):
                     continue
                 faking += 1
                 caught += bad <= set(task.store.bans())
                 outcome += task.best_trial().value == honest_best[seed]
-            print(f"(c) {kind}: caught in {caught}/{faking} runs where it faked, reported best is the honest best "
-                  f"in {outcome}/{faking}", flush=True)
-    print(f"(d) honest runs with a false ban: {false_bans}/{runs} (goal 0)")
+            print(f"{labels[0]} {kind}: caught in {caught}/{faking} runs where it faked, reported best is the honest "
+                  f"best in {outcome}/{faking}", flush=True)
+    print(f"{labels[1]} honest runs with a false ban: {false_bans}/{runs} (goal 0)")
 
 
 def main() -> None:
@@ -97,7 +114,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
     overheads(args.quick)
-    catch_rates(5 if args.quick else args.runs)
+    runs = 5 if args.quick else args.runs
+    catch_rates(runs, _task, ("(c)", "(d)"))
+    top = FIDELITY["max_resource"]
+    catch_rates(runs, _fidelity_task, ("(e) multi-fidelity,", "(f) multi-fidelity,"),
+                {kind: (lambda make=make: make(top)) for kind, make in RUNG_ADVERSARIES.items()})
 
 
 if __name__ == "__main__":

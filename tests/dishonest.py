@@ -305,6 +305,43 @@ class Saboteur:
         return doc
 
 
+class RungLiar:
+    """Fakes scores below the maximum resource only, to steer a multi-fidelity search.
+
+    Successive halving trains further only the configurations that rank high at a rung, so a
+    low-rung lie changes which ones reach the maximum resource without ever claiming a
+    score there: inflated, a configuration worse than the median of what this provider
+    computed at that rung is promoted; with ``deflate``, a better one is lowered so it is
+    stopped. With nothing computed at a rung yet it lies on everything there. Evaluations at
+    ``max_resource`` and checks of others' work are honest.
+    """
+
+    def __init__(self, max_resource: float, *, deflate: bool = False, delta: float = 0.1) -> None:
+        self.max_resource, self.deflate, self.delta = max_resource, deflate, delta
+        self.seen: dict[float, list[float]] = {}
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        for spec, trial in zip(subtask.trials, doc["trials"], strict=True):
+            resource = getattr(spec, "resource", None)
+            if trial["status"] != "ok" or spec.folds is not None or resource is None or resource >= self.max_resource:
+                continue
+            seen = self.seen.setdefault(resource, [])
+            median = seen[len(seen) // 2] if seen else None
+            bisect.insort(seen, trial["mean_score"])
+            if median is not None and (trial["mean_score"] >= median) != self.deflate:
+                continue
+            sign = -1.0 if self.deflate else 1.0
+            trial["fold_scores"] = [min(1.0, s + sign * self.delta) for s in trial["fold_scores"]]
+            _consistent(trial)
+        return doc
+
+
+# Adversaries of a multi-fidelity search, made for its maximum resource.
+RUNG_ADVERSARIES: dict[str, Callable[[float], Cheat]] = {
+    "promote_bad": lambda top: RungLiar(top), "prune_good": lambda top: RungLiar(top, deflate=True),
+}
+
+
 @dataclass
 class Insight:
     """What an adversary that knows mltask's code and watches the traffic works with."""
