@@ -101,6 +101,7 @@ class Run:
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (seconds since run_task was called, score)
     last_settled: float = 0.0
     rung_evaluations: int = 0
+    scores: dict[tuple[str, int], float] = field(default_factory=dict)  # (configuration, resource) -> mean score
 
     def best_at(self, seconds: float) -> float | None:
         scores = [s for t, s in self.timeline if t <= seconds]
@@ -147,25 +148,27 @@ def run_mltask(task: dict[str, Any], data_dir: Path, max_resource: int) -> Run:
         doc = json.loads((out / "results.json").read_text())
         settled = {sid: at - started for sid, at in _settle_times(out).items()}
     trials = [t for t in doc["trials"] if t["state"] == "complete"]
-    timeline, evaluations = [], 0
+    timeline, evaluations, scores = [], 0, {}
     for trial in trials:
         rungs = trial.get("rungs")
         if rungs is None:  # full fidelity: the trial is its one evaluation
             timeline.append((trial["finished_at"] - started, trial["mean_test_score"]))
             continue
         evaluations += len(rungs)
-        timeline += [(settled[r["subtask_id"]], r["mean_score"]) for r in rungs
-                     if r["resource"] == max_resource and r["status"] == "ok"]
+        ok = [r for r in rungs if r["status"] == "ok"]
+        timeline += [(settled[r["subtask_id"]], r["mean_score"]) for r in ok if r["resource"] == max_resource]
+        scores.update({(_key(trial["params"]), r["resource"]): r["mean_score"] for r in ok})
     best = doc["best"]
     assert "rungs" not in trials[0] or best["resource"] == max_resource, "the reported best is not at max_resource"
     return Run(seconds=doc["timing"]["search_seconds"] + doc["timing"]["refit_seconds"],
-               configs=sorted(_key(t["params"]) for t in doc["trials"]), best=best["mean_test_score"],
+               configs=sorted(_key(t["params"]) for t in doc["trials"]), best=best["mean_score"],
                timeline=timeline, last_settled=max(t["finished_at"] for t in trials) - started,
-               rung_evaluations=evaluations)
+               rung_evaluations=evaluations, scores=scores)
 
 
-def run_halving(configs: list[dict[str, Any]], setting: Setting, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """scikit-learn's HalvingRandomSearchCV on exactly ``configs``: (fit seconds, best_score_)."""
+def run_halving(configs: list[dict[str, Any]], setting: Setting, X: np.ndarray,
+                y: np.ndarray) -> tuple[float, float, dict[tuple[str, int], float]]:
+    """scikit-learn's HalvingRandomSearchCV on exactly ``configs``: (fit seconds, best_score_, scores as Run's)."""
     get_reusable_executor().shutdown(wait=True)  # cold start, as run_task's workers
     search = HalvingRandomSearchCV(
         HistGradientBoostingClassifier(random_state=SEED, **FIXED), [{k: [v] for k, v in c.items()} for c in configs],
@@ -178,7 +181,10 @@ def run_halving(configs: list[dict[str, Any]], setting: Setting, X: np.ndarray, 
     seconds = time.perf_counter() - started
     assert search.n_resources_[-1] == setting.max_resource, f"scikit-learn stopped at {search.n_resources_}"
     assert len(set(map(_key, search.cv_results_["params"]))) == len(configs), "scikit-learn skipped candidates"
-    return seconds, float(search.best_score_)
+    res = search.cv_results_
+    scores = {(_key(p), int(r)): float(m)
+              for p, r, m in zip(res["params"], res["n_resources"], res["mean_test_score"], strict=True)}
+    return seconds, float(search.best_score_), scores
 
 
 def run_optuna(configs: list[dict[str, Any]], setting: Setting, X: np.ndarray,
@@ -243,13 +249,16 @@ def main() -> None:
         assert run.configs == warm.configs, "mltask drew other configurations than in the warm-up run"
     med = statistics.median
 
-    time_ratio = med(a.seconds for a in asha) / med(s for s, _ in halving)
-    score_diff = med(a.best - h for a, (_, h) in zip(asha, halving, strict=True))
+    common = [(a.scores[k], h[2][k]) for a, h in zip(asha, halving, strict=True) for k in a.scores.keys() & h[2]]
+    time_ratio = med(a.seconds for a in asha) / med(h[0] for h in halving)
+    score_diff = med(a.best - h[1] for a, h in zip(asha, halving, strict=True))
     print(f"(a) vs HalvingRandomSearchCV(n_jobs=2): mltask {med(a.seconds for a in asha):.2f} s "
           f"({med(a.rung_evaluations for a in asha):.0f} rung evaluations), scikit-learn "
-          f"{med(s for s, _ in halving):.2f} s -> wall-time ratio {time_ratio:.3f} (goal <= 1.0); best score "
-          f"{med(a.best for a in asha):.4f} vs {med(h for _, h in halving):.4f} (both at max_iter "
-          f"{setting.max_resource}), median difference {score_diff:+.4f} (goal >= 0)", flush=True)
+          f"{med(h[0] for h in halving):.2f} s -> wall-time ratio {time_ratio:.3f} (goal <= 1.0); best score "
+          f"{med(a.best for a in asha):.4f} vs {med(h[1] for h in halving):.4f} (both at max_iter "
+          f"{setting.max_resource}), median difference {score_diff:+.4f} (goal >= 0); the same (configuration, "
+          f"max_iter) scored alike by both: {len(common)} pairs, max |difference| "
+          f"{max((abs(x - y) for x, y in common), default=0.0):.1e}", flush=True)
 
     reached = [a.first_reaching(f.best) for a, f in zip(asha, full, strict=True)]
     shares = [t / f.last_settled for t, f in zip(reached, full, strict=True) if t is not None]

@@ -19,7 +19,7 @@ from support import ROOT, results, run_cli, task_dict, write_task
 import mltask
 from mltask.console import PLAIN_EVERY_SECONDS, Estimate, SearchProgress, leaderboard
 from mltask.errors import TaskError
-from mltask.report import REPORT_FILE
+from mltask.report import REPORT_FILE, RUNGS_PLOT_FILE
 from mltask.results import refit_best
 from mltask.runner import finish, resume_task, run_task, show
 from mltask.store import Store
@@ -275,6 +275,19 @@ def test_report_names_the_setup_and_formats_numbers(finished: Path) -> None:
     assert repr(value) not in report and f"{value:.6g}" in report
     for number in re.findall(r"\d+\.\d+", report):  # no float in full repr anywhere
         assert len(number.replace(".", "").lstrip("0")) <= 6, number
+
+
+def test_multi_fidelity_report_plots_score_against_resource(finished: Path, tmp_path: Path) -> None:
+    """A multi-fidelity search gets a plot of each trial's score per rung, referenced from the report."""
+    report = (finished / REPORT_FILE).read_text(encoding="utf-8")
+    assert not (finished / RUNGS_PLOT_FILE).exists() and RUNGS_PLOT_FILE not in report  # full fidelity: none
+    out = tmp_path / "out"
+    fidelity = {"resource": "n_samples", "min_resource": 10, "max_resource": 90, "reduction_factor": 3}
+    run_task(task_dict(n_trials=12, fidelity=fidelity), workers=2, output=out, quiet=True)
+    assert any(len(t["rungs"]) > 1 for t in results(out)["trials"])  # promotions to draw
+    assert (out / RUNGS_PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+    report = (out / REPORT_FILE).read_text(encoding="utf-8")
+    assert f"]({RUNGS_PLOT_FILE})" in report and "](convergence.png)" in report
 
 
 def test_show_counts_running_trials_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
