@@ -26,6 +26,7 @@ from mltask.verifier import Verifier
 from tests.dishonest import (
     ADVERSARIES,
     CHEATS,
+    RUNG_ADVERSARIES,
     Colluders,
     InlineBackend,
     InlineReferee,
@@ -385,3 +386,25 @@ def test_a_script_that_ignores_its_seed_stops_the_task_and_bans_nobody(tmp_path:
     assert message.startswith("options.script: this script is not deterministic given `seed` (trial ")
     assert "seed every random source from the `seed` argument" in message and "\n" not in message
     assert results(out)["verification"]["banned_providers"] == {}
+
+
+RUNGS = {"resource": "n_samples", "min_resource": 12, "max_resource": 108, "reduction_factor": 3}
+
+
+@pytest.mark.parametrize("kind", sorted(RUNG_ADVERSARIES))
+def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path: Path) -> None:
+    """Multi-fidelity: a provider faking scores below the maximum resource only (to promote a bad configuration
+    or stop a good one) lies in its first answer, which is always checked, at the rung's resource: it is
+    banned, none of its evaluations survive, and every score left is the honest one."""
+    data = _search(fidelity=RUNGS)
+    honest, _, _ = run_inline(data, tmp_path / "honest" / "out", {"a": None, "b": None})
+    truth = {(r["number"], r["rung"]): r["value"] for r in honest.store.rungs()}
+    task, backend, status = run_local(data, tmp_path / "out", {"local-1": RUNG_ADVERSARIES[kind](108)}, workers=2)
+    assert status == "finished" and backend.faked["local-1"]
+    assert set(task.store.bans()) == {"local-1"}
+    rungs = task.store.rungs()
+    assert rungs and all(r["provider"] != "local-1" for r in rungs)
+    assert all(r["value"] == truth[r["number"], r["rung"]] for r in rungs if (r["number"], r["rung"]) in truth)
+    best = task.best_trial()
+    assert best.verified == "full" and best.value == honest.best_trial().value
+    assert max(r["resource"] for r in rungs if r["number"] == best.number) == 108
