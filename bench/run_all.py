@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["compare_sklearn.py", "search_cv.py", "overhead.py", "verification.py", "scale.py", "resume.py",
-           "docker_overhead.py", "tpe_batched.py", "app.py"]
+BENCHES = ["compare_sklearn.py", "search_cv.py", "fidelity.py", "overhead.py", "verification.py", "scale.py",
+           "resume.py", "docker_overhead.py", "tpe_batched.py", "app.py"]
 
 if __name__ == "__main__":
     quick = ["--quick"] if "--quick" in sys.argv[1:] else []
