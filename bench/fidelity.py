@@ -155,7 +155,7 @@ def run_mltask(task: dict[str, Any], data_dir: Path, max_resource: int) -> Run:
             timeline.append((trial["finished_at"] - started, trial["mean_test_score"]))
             continue
         evaluations += len(rungs)
-        ok = [r for r in rungs if r["status"] == "ok"]
+        ok = [r for r in rungs if r["mean_score"] is not None]
         timeline += [(settled[r["subtask_id"]], r["mean_score"]) for r in ok if r["resource"] == max_resource]
         scores.update({(_key(trial["params"]), r["resource"]): r["mean_score"] for r in ok})
     best = doc["best"]

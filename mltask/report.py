@@ -73,7 +73,7 @@ def plot_rungs(summary: Summary, path: Path) -> None:
     stopped = promoted = 0
     for row in summary.rows:
         points = sorted((r["resource"], r["mean_score"]) for r in row.get("rungs") or []
-                        if r["status"] == "ok" and r["mean_score"] is not None)
+                        if r["mean_score"] is not None)
         if not points:
             continue
         xs, ys = zip(*points, strict=True)
