@@ -133,6 +133,11 @@ class SearchProgress:
             parts.append(f"{progress.running} running")
         if progress.best_value is not None:
             parts.append(f"best {progress.best_value:.5g} (trial {progress.best_number})")
+        if progress.resource_budget:
+            # Multi-fidelity: what the rungs so far cost, against every configuration at every rung
+            # (a bound, not a forecast: how many climb depends on the scores).
+            pruned = f"{progress.pruned} pruned, " if progress.pruned else ""
+            parts.append(f"{pruned}resource {progress.resource_used:.4g} of at most {progress.resource_budget:.4g}")
         failed = [f"{progress.failed} failed"] if progress.failed else []
         if self._live:
             status = " · ".join(parts + [f"[red]{f}[/]" for f in failed])

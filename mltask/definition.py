@@ -33,6 +33,7 @@ TASK_TYPE_ID = "ml_hyperparameter_search"
 TASK_TYPE_NAME = "ML hyperparameter search"
 BUILTIN_DATASETS = ("iris", "wine", "digits", "breast_cancer", "diabetes")
 ALGORITHMS = ("grid", "random", "qmc", "tpe", "cmaes")
+N_SAMPLES = "n_samples"  # the fidelity resource that subsamples each training fold
 
 _DURATION = re.compile(r"^(\d+):(\d+):(\d+)$")
 
@@ -157,6 +158,7 @@ _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 CV_KINDS = ("auto", "kfold", "stratified", "holdout", "shuffle_split", "stratified_shuffle_split", "group",
             "stratified_group", "timeseries", "repeated_kfold", "repeated_stratified")
 GROUP_KINDS = ("group", "stratified_group")
+STRATIFIED_KINDS = ("stratified", "stratified_shuffle_split", "stratified_group", "repeated_stratified")
 _SHUFFLE_SPLITS = ("holdout", "shuffle_split", "stratified_shuffle_split")
 MAX_SPLITS = 100
 
@@ -284,6 +286,42 @@ class GolemOptions(_Strict):
     market_timeout: Duration = Field(default="00:05:00", description="Wait for offers at most this long, HH:MM:SS.")
 
 
+class FidelitySpec(_Strict):
+    """Multi-fidelity search: each configuration is scored at growing resources and the worst are stopped early.
+
+    Rungs are ``min_resource * reduction_factor**k`` while below ``max_resource``, then
+    ``max_resource``; a configuration is promoted to the next rung when it ranks in the top
+    ``1 / reduction_factor`` of its rung so far (asynchronous successive halving, Optuna's
+    ``SuccessiveHalvingPruner``), or by brackets of those (``hyperband``).
+    """
+
+    resource: str = Field(
+        min_length=1, max_length=200, description="`n_samples` (each training fold is subsampled to the rung's size, "
+        "stratified for classifiers; validation folds stay whole), or the estimator (or script) parameter that sets "
+        "the amount of work, e.g. `max_iter` or `hgb__max_iter`; it must not also be searched.",
+    )
+    min_resource: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        description="The first rung's resource."
+    )
+    max_resource: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="The last rung's resource; null: every training row (n_samples only)."
+    )
+    reduction_factor: int = Field(
+        default=3, ge=2, le=100, description="Each rung has this many times the resource of the one before and "
+        "keeps about 1 / this of its configurations."
+    )
+    schedule: Literal["asha", "hyperband"] = Field(
+        default="asha", description="asha: one ladder from min_resource; hyperband: brackets of it starting at "
+        "each rung."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FidelitySpec:
+        if self.max_resource is not None and self.min_resource >= self.max_resource:
+            raise ValueError(f"min_resource {self.min_resource} must be below max_resource {self.max_resource}")
+        return self
+
+
 class SearchOptions(_Strict):
     """The search itself: what to tune, on what data, how to score, which algorithm."""
 
@@ -327,6 +365,10 @@ class SearchOptions(_Strict):
     verification: VerificationOptions = Field(
         default=VerificationOptions(), description="Checks of provider results; see options.verification."
     )
+    fidelity: FidelitySpec | None = Field(
+        default=None, description="Multi-fidelity search (successive halving); absent: every configuration gets the "
+        "whole resource. See options.fidelity."
+    )
     provider: ProviderOptions = Field(
         default=ProviderOptions(), description="Resources per provider; see options.provider."
     )
@@ -339,6 +381,13 @@ class SearchOptions(_Strict):
         if self.script is not None and (self.scoring is not None or self.return_train_score):
             raise ValueError("scoring and return_train_score do not apply to a script (it returns its own score); "
                              "remove them")
+        fidelity = self.fidelity
+        if fidelity is not None and fidelity.resource in self.search_space.params:
+            raise located(f"{fidelity.resource!r} is the fidelity resource, set by each rung; remove it from the "
+                          "search space (or choose another resource)", "fidelity", "resource")
+        if fidelity is not None and fidelity.resource != N_SAMPLES and fidelity.max_resource is None:
+            raise located(f"a parameter resource ({fidelity.resource}) needs max_resource, the value a full "
+                          "evaluation uses; give it", "fidelity", "max_resource")
         metrics = self.metrics
         if self.refit_metric is not None and self.refit_metric not in metrics:
             raise ValueError(f"refit_metric {self.refit_metric!r} is not one of the scorers "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mltask.data import Dataset, resource_path
-from mltask.definition import CVSpec, EstimatorSpec, PipelineSpec, ScriptSpec
+from mltask.definition import N_SAMPLES, STRATIFIED_KINDS, CVSpec, EstimatorSpec, PipelineSpec, ScriptSpec
 from mltask.errors import TaskError
 from mltask.estimators import EstimatorObject, build_object, class_paths
 from mltask.param_values import estimator_params
@@ -172,9 +172,10 @@ def make_splitter(cv: CVSpec) -> Any:
     return cls(n_splits=cv.folds, shuffle=cv.shuffle, random_state=seed)
 
 
-def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
+def trial_params(estimator: Any, trial: TrialSpec, resource: str | None = None) -> dict[str, Any]:
     """The trial's parameters, checked and as ``set_params`` takes them (:func:`estimator_params`),
-    plus its seed in every ``random_state`` left unset.
+    plus its seed in every ``random_state`` left unset, and its rung's ``resource`` where
+    that names a parameter (multi-fidelity).
 
     An explicit ``null`` (``"random_state": [null, 1]``) counts as unset: scikit-learn
     would read it as "seed from the global generator", which makes a re-run differ from the
@@ -184,7 +185,34 @@ def trial_params(estimator: Any, trial: TrialSpec) -> dict[str, Any]:
     for key, value in estimator.get_params(deep=True).items():
         if (key == "random_state" or key.endswith("__random_state")) and params.get(key, value) is None:
             params[key] = trial.seed
+    if resource not in (None, N_SAMPLES) and trial.resource is not None:
+        params[resource] = trial.resource
     return params
+
+
+def script_params(problem: Problem, trial: TrialSpec) -> dict[str, Any]:
+    """What a training script's ``params`` get: the trial's, plus a parameter resource at its rung's value."""
+    params = dict(trial.params)
+    if problem.resource not in (None, N_SAMPLES) and trial.resource is not None:
+        params[problem.resource] = trial.resource
+    return params
+
+
+def subsample(train: np.ndarray, y: np.ndarray, size: int, seed: int, fold: int, stratify: bool) -> np.ndarray:
+    """``size`` of a fold's training rows, for the ``n_samples`` resource; the same rows on every run.
+
+    As scikit-learn's halving search (``resample`` without replacement, stratified for
+    classifiers), seeded from (trial seed, fold, size) alone, so a check of one rung
+    evaluation re-draws exactly the rows the provider trained on. A fold that has no more
+    rows than ``size`` is used whole.
+    """
+    if size >= len(train):
+        return train
+    from sklearn.utils import resample
+
+    state = int(np.random.SeedSequence([seed, fold, size]).generate_state(1)[0])
+    return resample(train, replace=False, n_samples=size, random_state=state,
+                    stratify=y[train] if stratify else None)
 
 
 class TrialEvaluator:
@@ -199,13 +227,16 @@ class TrialEvaluator:
         self.data = data
         self.splits = splits
         self._refit_name = problem.refit_metric or "score"
+        self._stratify = problem.cv.kind in STRATIFIED_KINDS
         if problem.script is not None:
             self._script = load_script(problem.script, resources_dir)
             self._base = None
         else:
+            from sklearn.base import is_classifier as _is_classifier
             from sklearn.metrics import check_scoring, get_scorer
 
             self._base = build_estimator(problem)
+            self._stratify = self._stratify or _is_classifier(self._base)
             # Several metrics: scikit-learn's multimetric scorer, which predicts once for all of them.
             self._scorer = check_scoring(self._base, problem.metrics) if problem.metrics else get_scorer(
                 problem.scoring)
@@ -227,6 +258,8 @@ class TrialEvaluator:
                 warnings.simplefilter("ignore")
                 for index in range(len(self.splits)) if folds is None else folds:
                     train, valid = self.splits[index]
+                    if self.problem.resource == N_SAMPLES and trial.resource is not None:
+                        train = subsample(train, self.data.y, int(trial.resource), trial.seed, index, self._stratify)
                     digest = hashlib.sha256()
                     test, on_train, fit_time, score_time = self._fold(trial, train, valid, digest)
                     for scores, outcome in ((tests, test), (trains, on_train)):
@@ -265,7 +298,8 @@ class TrialEvaluator:
         data, y = self.data, self.data.y
         if self._base is None:
             t0 = time.perf_counter()
-            out = self._script(dict(trial.params), data.rows(train), y[train], data.rows(valid), y[valid], trial.seed)
+            out = self._script(script_params(self.problem, trial), data.rows(train), y[train], data.rows(valid),
+                               y[valid], trial.seed)
             elapsed = time.perf_counter() - t0
             score, predictions = out if isinstance(out, tuple) else (out, None)
             if predictions is not None:
@@ -273,7 +307,7 @@ class TrialEvaluator:
             return {"score": float(score)}, {}, elapsed, 0.0
         from sklearn.base import clone
 
-        model = clone(self._base).set_params(**trial_params(self._base, trial))
+        model = clone(self._base).set_params(**trial_params(self._base, trial, self.problem.resource))
         t0 = time.perf_counter()
         model.fit(data.rows(train), y[train])
         t1 = time.perf_counter()

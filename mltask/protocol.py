@@ -22,9 +22,18 @@ import stat
 from importlib import metadata
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mltask.definition import MAX_METRICS, MAX_SPLITS, CVSpec, DatasetSpec, EstimatorSpec, ScriptSpec
 from mltask.space import Value
@@ -57,6 +66,24 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Optional(_Wire):
+    """A wire model whose ``omitted`` fields are left out while ``None``.
+
+    Multi-fidelity added fields to the subtask; leaving them out when unused keeps every
+    other task's subtasks, state files and problem hashes byte for byte as they were.
+    """
+
+    omitted: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for name in self.omitted:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
 class ResourceRef(_Wire):
     """A file in the resources dir; providers refuse to run if its hash differs."""
 
@@ -65,8 +92,10 @@ class ResourceRef(_Wire):
     size: int = Field(ge=0)
 
 
-class Problem(_Wire):
+class Problem(_Optional):
     """What a trial means, resolved by the requestor; identical in every subtask of a task."""
+
+    omitted: ClassVar[frozenset[str]] = frozenset({"resource"})
 
     estimator: EstimatorSpec | None
     script: ScriptSpec | None
@@ -78,18 +107,27 @@ class Problem(_Wire):
     metrics: dict[str, str] = {}  # with several scorers: every metric name -> scorer name
     refit_metric: str | None = None  # ...and which of them is ``scoring``
     return_train_score: bool = False
+    resource: Annotated[str, Field(max_length=200)] | None = Field(
+        default=None, description="Multi-fidelity: what a trial's `resource` sets, `n_samples` (training rows per "
+        "fold) or a parameter's name."
+    )
 
     def score_names(self) -> list[str]:
         """Names of the scores a trial reports per fold: each metric, or ``score`` for one scorer."""
         return list(self.metrics) or ["score"]
 
 
-class TrialSpec(_Wire):
+class TrialSpec(_Optional):
+    omitted: ClassVar[frozenset[str]] = frozenset({"resource"})
+
     number: int = Field(ge=0)
     params: Params
     seed: int = Field(ge=0, lt=2**32)
     folds: Annotated[list[Annotated[int, Field(ge=0, lt=100)]], Field(min_length=1, max_length=100)] | None = Field(
         default=None, description="Only these CV folds (a verification check); default every fold."
+    )
+    resource: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="Multi-fidelity: the rung's resource (see Problem.resource); default the whole."
     )
 
     @field_validator("folds")

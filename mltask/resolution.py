@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+import numpy as np
+
 from mltask.data import Dataset, load_dataset
-from mltask.definition import GROUP_KINDS, TaskDefinition
+from mltask.definition import GROUP_KINDS, N_SAMPLES, FidelitySpec, TaskDefinition
 from mltask.errors import TaskError
 from mltask.param_values import check_param, estimator_params
 from mltask.problem import build_estimator, load_script, make_splits
@@ -47,6 +49,7 @@ class Resolved:
     n_trials: int
     subtasks_count: int
     direction: str
+    max_resource: float | None = None  # multi-fidelity: the last rung's resource, resolved
 
 
 def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
@@ -93,10 +96,13 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
                         "(npz) holding each row's group")
     cv = opts.cv.model_copy(update={"kind": kind, "seed": opts.cv.seed if opts.cv.seed is not None else opts.seed})
     try:
-        make_splits(cv, data)
+        splits = make_splits(cv, data)
     except ValueError as exc:
         raise TaskError("options.cv", f"cannot split the dataset: {exc}") from None
-
+    max_resource = None
+    if opts.fidelity is not None:
+        max_resource = _check_fidelity(opts.fidelity, None if opts.script is not None else estimator, data, splits,
+                                       classifier)
     make_sampler(opts.algorithm, opts.search_space, opts.seed)  # raises on an unusable space
     n_trials = _trial_budget(definition)
     per_subtask = ADAPTIVE_TRIALS_PER_SUBTASK.get(opts.algorithm, TRIALS_PER_SUBTASK)
@@ -104,9 +110,43 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
     problem = Problem(
         estimator=opts.estimator, script=opts.script, dataset=opts.dataset, scoring=scoring, cv=cv,
         allowed_modules=opts.allowed_modules, resources=refs, metrics=metrics, refit_metric=refit_metric,
-        return_train_score=opts.return_train_score,
+        return_train_score=opts.return_train_score, resource=opts.fidelity.resource if opts.fidelity else None,
     )
-    return Resolved(problem, n_trials, count, direction)
+    return Resolved(problem, n_trials, count, direction, max_resource)
+
+
+def _check_fidelity(fidelity: FidelitySpec, estimator: object | None, data: Dataset, splits: list,
+                    classifier: bool) -> float:
+    """A resource the rungs can set: an estimator parameter, or row counts every training fold can give;
+    returns the maximum resource (``null`` for ``n_samples``: the smallest training fold's rows).
+
+    A script takes any parameter resource (its ``params`` are its own), and ``n_samples``.
+    ``n_samples`` must leave each class of a stratified subsample at least two rows, as
+    scikit-learn's halving search requires, and cannot exceed the smallest training fold.
+    """
+    field = "options.fidelity"
+    if fidelity.resource != N_SAMPLES:
+        if estimator is not None:
+            _check_param_names(estimator, [fidelity.resource], f"{field}.resource")
+        assert fidelity.max_resource is not None  # the definition requires it for a parameter
+        return fidelity.max_resource
+    for name in ("min_resource", "max_resource"):
+        value = getattr(fidelity, name)
+        if value is not None and value != int(value):
+            raise TaskError(f"{field}.{name}", f"n_samples counts training rows; give a whole number, not {value}")
+    smallest = min(len(train) for train, _ in splits)
+    if fidelity.max_resource is not None and fidelity.max_resource > smallest:
+        raise TaskError(f"{field}.max_resource", f"{fidelity.max_resource} is more than the {smallest} training "
+                        "rows of the smallest CV fold; lower it, or give null for all of them")
+    if fidelity.min_resource >= smallest:
+        raise TaskError(f"{field}.min_resource", f"{fidelity.min_resource} leaves nothing to halve: the smallest "
+                        f"training fold has {smallest} rows; lower it")
+    if classifier:
+        classes = len(np.unique(data.y))
+        if fidelity.min_resource < 2 * classes:
+            raise TaskError(f"{field}.min_resource", f"{fidelity.min_resource} rows cannot hold 2 of each of the "
+                            f"{classes} classes, as a stratified subsample needs; give at least {2 * classes}")
+    return fidelity.max_resource if fidelity.max_resource is not None else smallest
 
 
 def _collect_resources(paths: list[str], base_dir: Path, resources_dir: Path,
@@ -183,13 +223,13 @@ def _not_listed(value: str, names: set[str]) -> str:
     return f"{value!r} is not among the resources (listed: {listed}); add its path to `resources`"
 
 
-def _check_param_names(estimator: object, names: list[str]) -> None:
+def _check_param_names(estimator: object, names: list[str], field: str | None = None) -> None:
     valid = estimator.get_params(deep=True)  # type: ignore[attr-defined]
     for name in names:
         if name not in valid:
             close = difflib.get_close_matches(name, list(valid), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid names include {', '.join(sorted(valid)[:8])}"
-            raise TaskError(f"options.search_space.{name}", f"not a parameter of the estimator; {hint}")
+            raise TaskError(field or f"options.search_space.{name}", f"not a parameter of the estimator; {hint}")
 
 
 def _check_param_values(space: SearchSpace) -> None:

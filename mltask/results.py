@@ -47,6 +47,7 @@ class Summary:
     estimator: str  # what was tuned: an import path, pipeline steps or a training script
     dataset: str
     cv: str
+    max_resource: float | None = None  # multi-fidelity: the resource complete trials were scored at
 
     @property
     def complete(self) -> list[dict[str, Any]]:
@@ -61,7 +62,8 @@ class Summary:
 
     def counts(self) -> dict[str, int]:
         states = [r["state"] for r in self.rows]
-        return {s: states.count(s) for s in ("complete", "failed", "running")} | {"planned": self.n_trials}
+        counted = ("complete", "failed", "running") + (("pruned",) if self.max_resource is not None else ())
+        return {s: states.count(s) for s in counted} | {"planned": self.n_trials}
 
     @property
     def param_names(self) -> list[str]:
@@ -91,7 +93,9 @@ def summarize(store: Store, status: str) -> Summary:
     definition = json.loads(meta["definition"])
     problem = Problem.model_validate_json(meta["problem"])
     direction = meta["direction"]
-    rows = [_row(t) for t in store.trials()]
+    max_resource = json.loads(meta["max_resource"]) if "max_resource" in meta else None
+    climbed = _rungs(store) if max_resource is not None else None
+    rows = [_row(t, None if climbed is None else climbed.get(t.number, [])) for t in store.trials()]
     _rank(rows, direction)
     return Summary(
         task_id=meta["task_id"],
@@ -108,7 +112,20 @@ def summarize(store: Store, status: str) -> Summary:
         estimator=_describe_estimator(problem),
         dataset=_describe_dataset(problem.dataset),
         cv=_describe_cv(problem.cv),
+        max_resource=max_resource,
     )
+
+
+def _rungs(store: Store) -> dict[int, list[dict[str, Any]]]:
+    """Multi-fidelity: every accepted rung evaluation of each trial, lowest rung first (results.json's ``rungs``)."""
+    climbed: dict[int, list[dict[str, Any]]] = {}
+    for rung in store.rungs():
+        climbed.setdefault(rung["number"], []).append({
+            "rung": rung["rung"], "resource": rung["resource"], "mean_score": rung["value"],
+            "status": rung["decision"], "subtask_id": rung["subtask_id"], "provider": rung["provider"],
+            "verified": rung["verified"] or "none",
+        })
+    return climbed
 
 
 def _describe_estimator(problem: Problem) -> str:
@@ -151,7 +168,7 @@ def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
     it ran, over the compute of the accepted search subtasks.
     """
     trials = store.trials()
-    settled = [t for t in trials if t.state in ("complete", "failed")]
+    settled = [t for t in trials if t.state in ("complete", "failed", "pruned")]
     subtasks = {s["subtask_id"]: s for s in store.subtasks()}
     verdicts = store.verdicts()
     rejected = {v["subtask_id"] for v in verdicts if not v["ok"]}
@@ -175,9 +192,15 @@ def _verification(store: Store, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _row(trial: Any) -> dict[str, Any]:
+def _row(trial: Any, climbed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One trial's columns; with ``climbed`` (multi-fidelity) also its highest rung and resource.
+
+    A multi-fidelity trial's scores are those of its highest rung.
+    """
     result = trial.result or {}
     row: dict[str, Any] = {"number": trial.number, "state": trial.state}
+    if climbed is not None:
+        row.update(rung=climbed[-1]["rung"] if climbed else None, resource=climbed[-1]["resource"] if climbed else None)
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     row["mean_test_score"] = result.get("mean_score")
     row["std_test_score"] = result.get("std_score")
@@ -203,6 +226,8 @@ def _row(trial: Any) -> dict[str, Any]:
         params=trial.params,
         finished_at=trial.finished_at,
     )
+    if climbed is not None:
+        row["rungs"] = climbed
     return row
 
 
@@ -248,11 +273,11 @@ def write_results(output_dir: Path, summary: Summary, extra: dict[str, Any] | No
     write_json_atomic(output_dir / BEST_JSON, json.dumps(_best_record(summary), indent=1))
     columns: list[str] = []
     for row in summary.rows:
-        columns += [k for k in row if k not in columns and k != "params"]
+        columns += [k for k in row if k not in columns and k not in ("params", "rungs")]
     with open(output_dir / RESULTS_CSV, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows({k: _csv_cell(v) for k, v in r.items() if k != "params"} for r in summary.rows)
+        writer.writerows({k: _csv_cell(v) for k, v in r.items() if k not in ("params", "rungs")} for r in summary.rows)
     if best is None:
         (output_dir / BEST_JSON).unlink()
 
@@ -292,6 +317,7 @@ def _best_record(summary: Summary) -> dict[str, Any] | None:
         "verified": best["verified"],
         "scoring": summary.scoring,
         "direction": summary.direction,
+        **({"resource": summary.max_resource} if summary.max_resource is not None else {}),
     }
 
 
@@ -316,10 +342,11 @@ def refit_best(
 
     data = load_dataset(problem.dataset, resources_dir)
     model = build_estimator(problem)
-    spec = TrialSpec(number=best["number"], params=best["params"], seed=best["seed"])
+    # Multi-fidelity: a parameter resource at its maximum, as the best was scored (n_samples: all rows).
+    spec = TrialSpec(number=best["number"], params=best["params"], seed=best["seed"], resource=summary.max_resource)
     with warnings.catch_warnings(record=True) as caught, one_thread():
         warnings.simplefilter("always")
-        model.set_params(**trial_params(model, spec)).fit(data.X, data.y)
+        model.set_params(**trial_params(model, spec, problem.resource)).fit(data.X, data.y)
     path = output_dir / MODEL_FILE
     joblib.dump(model, path)
     said = dict.fromkeys(f"refit: {w.category.__name__}: {one_line(str(w.message), 200)}" for w in caught)

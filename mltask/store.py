@@ -10,7 +10,8 @@ Tables: ``meta`` (definition, problem, ids), ``trials`` (one row per Optuna tria
 provider's result once accepted), ``subtasks`` (one row per batch sent, search or check, with
 its outcome and the seconds it was out as the requestor measured them), ``checks`` (each
 verification planned, until it resolves), ``verdicts`` (each check that ran: where, on
-which (trial, fold) units, with what outcome), ``bans``.
+which (trial, fold) units, with what outcome), ``bans``, and for multi-fidelity tasks ``rungs``
+(each accepted rung evaluation of a trial; the trial's row holds its latest).
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ from typing import Any
 
 from mltask.errors import TaskError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the rungs table, and trials may be pruned
 LOCK_FILE = ".mltask.lock"  # beside state.db; see StateLock
-_TABLES = ("meta", "trials", "subtasks", "checks", "verdicts", "bans")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS trials (
+_TABLES = ("meta", "trials", "subtasks", "checks", "verdicts", "bans", "rungs")
+_TRIALS = """
+CREATE TABLE IF NOT EXISTS {name} (
     number INTEGER PRIMARY KEY,
     params TEXT NOT NULL,
     seed INTEGER NOT NULL,
     system_attrs TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed')),
+    state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed', 'pruned')),
     value REAL,
     result TEXT,
     subtask_id TEXT,
@@ -47,6 +47,25 @@ CREATE TABLE IF NOT EXISTS trials (
     finished_at REAL,
     verified TEXT CHECK (verified IN ('full', 'spot', 'cross'))
 );
+"""
+_RUNGS = """
+CREATE TABLE IF NOT EXISTS rungs (
+    number INTEGER NOT NULL,
+    rung INTEGER NOT NULL,
+    resource NUMERIC NOT NULL,
+    subtask_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('complete', 'failed')),
+    value REAL,
+    result TEXT NOT NULL,
+    decision TEXT NOT NULL CHECK (decision IN ('promoted', 'pruned', 'complete', 'failed')),
+    verified TEXT CHECK (verified IN ('full', 'spot', 'cross')),
+    at REAL NOT NULL,
+    PRIMARY KEY (number, rung)
+);
+"""
+_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);" + _TRIALS.format(
+    name="trials") + _RUNGS + """
 CREATE TABLE IF NOT EXISTS subtasks (
     subtask_id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -235,6 +254,8 @@ class Store:
                         probe.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
             finally:
                 probe.close()
+        if version is not None and version[0] == "2":
+            return cls(_migrate_from_2(path), path)
         if version is None or version[0] != str(SCHEMA_VERSION):
             raise TaskError(str(path), f"the task state has schema version {version[0] if version else 'none'}, this "
                             f"mltask reads version {SCHEMA_VERSION}; finish the task with the mltask that created it, "
@@ -308,8 +329,10 @@ class Store:
         environment: dict[str, Any] | None = None,
         verified: dict[int, str] | None = None,
         seconds_out: float | None = None,
+        rungs: list[tuple[int, int, float, str, float | None, dict[str, Any], str]] = (),
     ) -> None:
-        """Close a subtask and, if it was accepted, its trials: ``(number, state, value, result)``.
+        """Close a subtask and, if it was accepted, its trials: ``(number, state, value, result)``,
+        and their rung evaluations (multi-fidelity): ``(number, rung, resource, state, value, result, decision)``.
 
         ``verified`` maps trial numbers to how they were verified ('full', 'spot' or 'cross');
         ``seconds_out`` is how long the subtask was out, submit to answer, as the requestor
@@ -329,6 +352,12 @@ class Store:
                 "UPDATE trials SET state = ?, value = ?, result = ?, subtask_id = ?, provider = ?, finished_at = ?,"
                 " verified = ? WHERE number = ?",
                 [(s, v, json.dumps(r), subtask_id, provider[0], now, verified.get(n), n) for n, s, v, r in trials],
+            )
+            cur.executemany(
+                "INSERT INTO rungs (number, rung, resource, subtask_id, provider, state, value, result, decision,"
+                " verified, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(n, k, res, subtask_id, provider[0], st, v, json.dumps(r), d, verified.get(n), now)
+                 for n, k, res, st, v, r, d in rungs],
             )
 
     def set_seconds_out(self, subtask_id: str, seconds: float) -> None:
@@ -412,6 +441,19 @@ class Store:
                 " provider = NULL, finished_at = NULL, verified = NULL WHERE subtask_id = ?",
                 [(sid,) for sid in reopened],
             )
+            # A reopened rung evaluation also voids the rungs above it (its score decided the
+            # promotion to them): the trial climbs again from there, its row reopened whoever
+            # reported its latest rung.
+            lowest = list(cur.execute(
+                f"SELECT number, min(rung) FROM rungs WHERE subtask_id IN ({', '.join('?' * len(reopened))})"
+                " GROUP BY number", reopened,
+            ))
+            cur.executemany("DELETE FROM rungs WHERE number = ? AND rung >= ?", lowest)
+            cur.executemany(
+                "UPDATE trials SET state = 'running', value = NULL, result = NULL, subtask_id = NULL,"
+                " provider = NULL, finished_at = NULL, verified = NULL WHERE number = ?",
+                [(n,) for n, _ in lowest],
+            )
             cur.execute("UPDATE checks SET state = 'cancelled', resolved_at = ? WHERE provider = ?"
                         " AND state = 'planned'", (time.time(), provider))
         return reopened
@@ -431,11 +473,14 @@ class Store:
         With ``subtask_id``, only while the trial still holds that subtask's result.
         """
         with self.transaction() as cur:
-            cur.execute(
-                "UPDATE trials SET verified = ? WHERE number = ? AND state != 'running' AND (? IS NULL OR"
-                " subtask_id = ?) AND coalesce(instr('cross spot full', verified), 0) <= instr('cross spot full', ?)",
-                (how, number, subtask_id, subtask_id, how),
-            )
+            # A rung evaluation is marked only by its own subtask's check (a trial has several).
+            tables = (("trials", "state != 'running'"),) + ((("rungs", "1"),) if subtask_id is not None else ())
+            for table, settled in tables:
+                cur.execute(
+                    f"UPDATE {table} SET verified = ? WHERE number = ? AND {settled} AND (? IS NULL OR subtask_id = ?)"
+                    " AND coalesce(instr('cross spot full', verified), 0) <= instr('cross spot full', ?)",
+                    (how, number, subtask_id, subtask_id, how),
+                )
 
     def _trial_rows(self, where: str, args: tuple[Any, ...] = ()) -> list[TrialRow]:
         rows = self._conn.execute(
@@ -446,6 +491,22 @@ class Store:
             TrialRow(n, json.loads(p), s, json.loads(a), st, v, json.loads(r) if r else None, sid, prov, fin, ver)
             for n, p, s, a, st, v, r, sid, prov, fin, ver in rows
         ]
+
+    def top_rung(self, number: int) -> int | None:
+        """The highest rung trial ``number`` has an accepted evaluation at, if any."""
+        return self._conn.execute("SELECT max(rung) FROM rungs WHERE number = ?", (number,)).fetchone()[0]
+
+    def rung_of(self, number: int, subtask_id: str) -> int:
+        """The rung of trial ``number`` that ``subtask_id`` evaluated."""
+        return self._conn.execute("SELECT rung FROM rungs WHERE number = ? AND subtask_id = ?",
+                                  (number, subtask_id)).fetchone()[0]
+
+    def rungs(self) -> list[dict[str, Any]]:
+        """Every accepted rung evaluation (multi-fidelity), by trial and rung; ``result`` parsed."""
+        rows = self._dicts("SELECT * FROM rungs ORDER BY number, rung")
+        for row in rows:
+            row["result"] = json.loads(row["result"])
+        return rows
 
     def errors(self) -> list[tuple[int, str]]:
         """Each failed trial's number and error, read without parsing every stored result."""
@@ -463,6 +524,30 @@ class Store:
         cur = self._conn.execute(query)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
+
+
+def _migrate_from_2(path: Path) -> sqlite3.Connection:
+    """Version 2 to 3, in one transaction: the rungs table, and 'pruned' allowed as a trial state.
+
+    SQLite cannot change a CHECK constraint in place, so the trials table is copied into
+    one with the new constraint (SQLite's documented way to alter a table).
+    """
+    conn = _connect(path)
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        cur.execute(_TRIALS.format(name="trials_v3"))
+        cur.execute("INSERT INTO trials_v3 SELECT * FROM trials")
+        cur.execute("DROP TABLE trials")
+        cur.execute("ALTER TABLE trials_v3 RENAME TO trials")
+        cur.execute(_RUNGS)
+        cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    except BaseException:
+        conn.rollback()
+        conn.close()
+        raise
+    conn.commit()
+    return conn
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -28,6 +29,7 @@ from optuna.trial import TrialState
 from mltask import outdir
 from mltask.definition import TaskDefinition
 from mltask.errors import TaskError
+from mltask.fidelity import RungSchedule
 from mltask.outdir import RESOURCES_DIR, STATE_FILE
 from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialSpec, dumps
 from mltask.resolution import resolve
@@ -60,6 +62,9 @@ class Progress:
     best_number: int | None = None
     best_params: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.time)
+    pruned: int = 0  # multi-fidelity: configurations stopped early (counted in ``done`` too)
+    resource_used: float = 0.0  # multi-fidelity: resource of every rung evaluation accepted so far
+    resource_budget: float = 0.0  # ...and the most the search can use (every configuration at every rung)
 
 
 @dataclass
@@ -112,7 +117,9 @@ class HyperparameterSearchTask:
         self.output_dir = output_dir
         opts = definition.options
         sampler = make_sampler(opts.algorithm, opts.search_space, opts.seed)
-        self.study = optuna.create_study(direction=direction, sampler=sampler)
+        self.schedule = None if opts.fidelity is None else RungSchedule(
+            opts.fidelity, json.loads(store.meta()["max_resource"]))
+        self.study = self._new_study(sampler)
         self._pending: dict[str, _Pending] = {}
         self._requeued: deque[_Batch] = deque()
         self._asked = 0  # Optuna trials asked so far
@@ -125,6 +132,8 @@ class HyperparameterSearchTask:
         self._faults: dict[str, int] = {}  # consecutive failures per provider
         self._suspects: dict[str, _Suspect] = {}  # faults not yet counted, by subtask id
         self._progress = Progress(total=n_trials)
+        if self.schedule is not None:
+            self._progress.resource_budget = n_trials * self.schedule.spent(list(range(len(self.schedule.resources))))
         self.max_attempts = opts.max_attempts
         self.max_provider_failures = opts.max_provider_failures
 
@@ -154,6 +163,7 @@ class HyperparameterSearchTask:
                 "subtasks_count": str(resolved.subtasks_count),
                 "direction": resolved.direction,
                 "created_at": str(time.time()),
+                **({"max_resource": json.dumps(resolved.max_resource)} if definition.options.fidelity else {}),
                 outdir.ADOPTED: json.dumps(adopted),
             }
             store = Store.create(output_dir / STATE_FILE, meta)
@@ -224,10 +234,16 @@ class HyperparameterSearchTask:
 
     def has_pending_subtasks(self) -> bool:
         """Whether :meth:`next_subtask` would return work now."""
-        return not self._aborted and (bool(self._requeued) or self._asked < self.n_trials)
+        waiting = self.schedule is not None and bool(self.schedule.waiting)
+        return not self._aborted and (bool(self._requeued) or self._asked < self.n_trials or waiting)
 
     def next_subtask(self, provider_id: str) -> SubtaskDefinition | None:
-        """The next batch for ``provider_id``: re-queued trials first, then fresh ones."""
+        """The next batch for ``provider_id``: re-queued trials first, then fresh ones.
+
+        Multi-fidelity: a fresh batch takes waiting promotions first (highest rung first),
+        then fills up with new configurations at their first rung, so no provider waits for
+        a rung to fill.
+        """
         if not self.has_pending_subtasks():
             return None
         new_rows: list[tuple[int, dict[str, Any], int, dict[str, Any]]] = []
@@ -236,11 +252,17 @@ class HyperparameterSearchTask:
             trials, attempt, avoid = batch.trials, batch.attempt, batch.avoid
         else:
             trials, attempt, avoid = [], 1, frozenset()
-            for _ in range(self._next_batch_size()):
+            size = self._next_batch_size()
+            if self.schedule is not None:
+                size = math.ceil(self.n_trials / self.subtasks_count)
+                trials = [self._rung_spec(self.store.trial(n), rung) for n, rung in self.schedule.take(size)]
+            for _ in range(min(size - len(trials), self.n_trials - self._asked)):
                 trial = self.study.ask()
                 params = self.definition.options.search_space.sample(trial)
                 seed = trial_seed(self.definition.options.seed, params)
                 spec = TrialSpec(number=trial.number, params=params, seed=seed)
+                if self.schedule is not None:
+                    spec = spec.model_copy(update={"resource": self.schedule.resources[self._first_rung(trial.number)]})
                 trials.append(spec)
                 new_rows.append((spec.number, spec.params, spec.seed, self._system_attrs()))
                 self._asked += 1
@@ -284,6 +306,33 @@ class HyperparameterSearchTask:
         size = base + (1 if self._batches < extra else 0)
         return max(1, min(size, self.n_trials - self._asked))
 
+    def _new_study(self, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+        if self.schedule is None:
+            return optuna.create_study(direction=self.direction, sampler=sampler)
+        # Named after the task: Hyperband assigns brackets from the study name, so a rebuilt
+        # study must carry the same one.
+        return optuna.create_study(direction=self.direction, sampler=sampler, pruner=self.schedule.pruner(),
+                                   study_name=f"mltask-{self.task_id}")
+
+    def _first_rung(self, number: int) -> int:
+        assert self.schedule is not None
+        return self.schedule.first_rung(self.study, self.study.get_trials(deepcopy=False)[number])
+
+    def _next_rung(self, number: int) -> int:
+        """The rung trial ``number`` is to be evaluated at next, from its accepted rungs in the store."""
+        done = self.store.top_rung(number)
+        return self._first_rung(number) if done is None else done + 1
+
+    def _rung_spec(self, row: TrialRow, rung: int) -> TrialSpec:
+        assert self.schedule is not None
+        return TrialSpec(number=row.number, params=row.params, seed=row.seed, resource=self.schedule.resources[rung])
+
+    def trial_spec(self, row: TrialRow) -> TrialSpec:
+        """The evaluation a stored trial row holds, as it was sent: at its rung's resource (multi-fidelity)."""
+        if self.schedule is None or row.subtask_id is None:
+            return TrialSpec(number=row.number, params=row.params, seed=row.seed)
+        return self._rung_spec(row, self.store.rung_of(row.number, row.subtask_id))
+
     def _system_attrs(self) -> dict[str, Any]:
         # Samplers such as GridSampler keep their bookkeeping (grid_id) on the trial; the
         # store keeps it so a rebuilt study does not hand out the same grid point twice.
@@ -308,21 +357,58 @@ class HyperparameterSearchTask:
         entry = self._pending.pop(result.subtask_id, None)
         if entry is None:
             return False
-        rows = [
-            (t.number, "complete" if t.status == "ok" else "failed", t.mean_score, t.model_dump(mode="json"))
-            for t in result.trials
-        ]
-        self.store.settle_subtask(
-            result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
-            environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out,
-        )
-        for t in result.trials:
-            self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
+        if self.schedule is not None:
+            self._accept_rungs(entry, result, verified, seconds_out)
+        else:
+            rows = [
+                (t.number, "complete" if t.status == "ok" else "failed", t.mean_score, t.model_dump(mode="json"))
+                for t in result.trials
+            ]
+            self.store.settle_subtask(
+                result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
+                environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out,
+            )
+            for t in result.trials:
+                self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
         self._faults[entry.provider] = 0
         self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
                               {t.number for t in result.trials})
         self._update_running()
         return True
+
+    def _accept_rungs(self, entry: _Pending, result: SubtaskResult, verified: dict[int, str] | None,
+                      seconds_out: float | None) -> None:
+        """Multi-fidelity acceptance: each rung result is reported, the pruner decides, all is stored at once.
+
+        The trial's row takes its latest rung result: 'running' while promoted, 'pruned',
+        'complete' at the top rung (only those rank for the best), or 'failed'. A result for
+        a rung whose basis a ban voided meanwhile is not stored; the trial is queued again
+        at the rung it now needs.
+        """
+        assert self.schedule is not None
+        specs = {t.number: t for t in entry.subtask.trials}
+        rows, rungs, outcomes = [], [], []
+        for t in result.trials:
+            rung = self.schedule.resources.index(specs[t.number].resource)
+            expected = self._next_rung(t.number)
+            if rung != expected:
+                self.schedule.waiting[t.number] = expected
+                continue
+            decision = "failed" if t.status != "ok" else self.schedule.decide(self.study, t.number, rung, t.mean_score)
+            state = {"promoted": "running"}.get(decision, decision)
+            payload = t.model_dump(mode="json")
+            rows.append((t.number, state, t.mean_score, payload))
+            rungs.append((t.number, rung, self.schedule.resources[rung], "complete" if t.status == "ok" else "failed",
+                          t.mean_score, payload, decision))
+            outcomes.append((t, rung, decision))
+        self.store.settle_subtask(
+            result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
+            environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out, rungs=rungs,
+        )
+        for t, rung, decision in outcomes:
+            self._progress.resource_used += self.schedule.resources[rung]
+            if decision != "promoted":
+                self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params, pruned=decision == "pruned")
 
     def reject(self, subtask_id: str, reason: str, *, fault: bool = False) -> None:
         """Drop a subtask's answer and send its trials again, to another provider if possible.
@@ -363,7 +449,11 @@ class HyperparameterSearchTask:
                                             "status": "failed", "error": error})
                 for t in trials
             ]
-            self.store.settle_subtask(subtask_id, "failed", reason=reason, trials=rows)
+            rungs = [] if self.schedule is None else [
+                (n, self.schedule.resources.index(t.resource), t.resource, "failed", None, r, "failed")
+                for (n, _, _, r), t in zip(rows, trials, strict=True)
+            ]
+            self.store.settle_subtask(subtask_id, "failed", reason=reason, trials=rows, rungs=rungs)
             for t in trials:
                 self._tell(t.number, None, t.params)
         self._update_running()
@@ -407,6 +497,8 @@ class HyperparameterSearchTask:
         self._last_exclusion = f"{provider} banned: {reason}"
         if reopened:
             rows = self.store.trials()
+            if self.schedule is not None:  # a waiting promotion may rest on a rung the ban voided
+                self.schedule.waiting = {n: self._next_rung(n) for n in self.schedule.waiting}
             self._requeue_unsettled(rows, exclude=self._queued_numbers())
             self._rebuild_study(rows)
 
@@ -462,8 +554,9 @@ class HyperparameterSearchTask:
         return provider in self._banned or provider in self._dropped
 
     def _queued_numbers(self) -> set[int]:
-        queued = {t.number for b in self._requeued for t in b.trials}
-        return queued | {t.number for p in self._pending.values() for t in p.subtask.trials}
+        queued = {t.number for b in self._requeued for t in b.trials} | {t.number for p in self._pending.values()
+                                                                          for t in p.subtask.trials}
+        return queued | set(self.schedule.waiting if self.schedule else ())
 
     def _requeue_unsettled(self, rows: list[TrialRow], exclude: set[int]) -> None:
         """Queue every trial the store has as running, grouped as it was last sent."""
@@ -471,48 +564,82 @@ class HyperparameterSearchTask:
         if not running:
             return
         last_batch: dict[int, tuple[int, tuple[int, ...]]] = {}
+        promoted: set[int] = set()
         for sub in self.store.subtasks("search"):
             numbers = tuple(json.loads(sub["trial_numbers"]))
             for n in numbers:
                 if n in running:
                     last_batch[n] = (sub["attempt"], numbers)
+                    if sub["state"] == "accepted":
+                        promoted.add(n)
+                    else:
+                        promoted.discard(n)
+        if self.schedule is not None:
+            # A running trial whose last subtask was accepted had been promoted and was waiting for
+            # a provider: it waits again, so batches form as they would have without the stop.
+            for n in promoted:
+                self.schedule.waiting[n] = self._next_rung(n)
+                del last_batch[n]
         for attempt, numbers in dict.fromkeys(last_batch.values()):
-            trials = [TrialSpec(number=n, params=rows[n].params, seed=rows[n].seed) for n in numbers if n in running]
+            trials = [self._requeued_spec(rows[n]) for n in numbers if n in running]
             self._requeued.append(_Batch(trials, attempt))
+
+    def _requeued_spec(self, row: TrialRow) -> TrialSpec:
+        """A running trial sent again: same parameters and seed, and (multi-fidelity) the rung it is at."""
+        if self.schedule is None:
+            return TrialSpec(number=row.number, params=row.params, seed=row.seed)
+        return self._rung_spec(row, self._next_rung(row.number))
 
     def record_verdict(self, verdict: Any) -> None:
         self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
                                verdict.reason, verdict.seconds, by=verdict.by, check_id=verdict.check_id)
 
     def _rebuild_study(self, rows: list[Any]) -> None:
+        """The study as the store has it; multi-fidelity trials with their rung values and pruner marks."""
         space = self.definition.options.search_space
         distributions = space.distributions()
-        study = optuna.create_study(direction=self.direction, sampler=self.study.sampler)
-        progress = Progress(total=self.n_trials, started_at=self._progress.started_at)
+        study = self._new_study(self.study.sampler)
+        progress = Progress(total=self.n_trials, started_at=self._progress.started_at,
+                            resource_budget=self._progress.resource_budget)
         self.study, self._progress = study, progress
+        climbed: dict[int, list[tuple[int, float]]] = {}
+        for rung in self.store.rungs() if self.schedule is not None else ():
+            progress.resource_used += self.schedule.resources[rung["rung"]]
+            if rung["state"] == "complete":
+                climbed.setdefault(rung["number"], []).append((rung["rung"], rung["value"]))
+        states = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}
         for row in rows:
             sampled = space.optuna_params(row.params)
-            state = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL}.get(row.state, TrialState.RUNNING)
+            state = states.get(row.state, TrialState.RUNNING)
+            intermediate, marks = self.schedule.restored(climbed.get(row.number, [])) if self.schedule else ({}, {})
             study.add_trial(optuna.trial.create_trial(
-                state=state, value=row.value if state == TrialState.COMPLETE else None, params=sampled,
-                distributions={k: distributions[k] for k in sampled}, system_attrs=row.system_attrs,
+                state=state, value=row.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+                params=sampled, distributions={k: distributions[k] for k in sampled},
+                system_attrs=row.system_attrs | marks, intermediate_values=intermediate,
             ))
             if state != TrialState.RUNNING:
-                self._count(row.number, row.value if state == TrialState.COMPLETE else None, row.params)
+                self._count(row.number, row.value if state == TrialState.COMPLETE else None, row.params,
+                            pruned=state == TrialState.PRUNED)
         self._update_running()
 
     def _update_running(self) -> None:
         self._progress.running = sum(len(p.subtask.trials) for p in self._pending.values())
 
-    def _tell(self, number: int, value: float | None, params: dict[str, Any]) -> None:
-        if value is None:
+    def _tell(self, number: int, value: float | None, params: dict[str, Any], pruned: bool = False) -> None:
+        if pruned:  # Optuna keeps the last reported rung value as a pruned trial's value
+            self.study.tell(number, state=TrialState.PRUNED)
+        elif value is None:
             self.study.tell(number, state=TrialState.FAIL)
         else:
             self.study.tell(number, value)
-        self._count(number, value, params)
+        self._count(number, value, params, pruned)
 
-    def _count(self, number: int, value: float | None, params: dict[str, Any]) -> None:
+    def _count(self, number: int, value: float | None, params: dict[str, Any], pruned: bool = False) -> None:
         p = self._progress
+        if pruned:  # stopped early: done, but its score was never measured at the full resource
+            p.done += 1
+            p.pruned += 1
+            return
         if value is None:
             p.failed += 1
             return
@@ -531,7 +658,9 @@ class HyperparameterSearchTask:
         return list(self._pending)
 
     def finished(self) -> bool:
-        return self._aborted or (self._asked >= self.n_trials and not self._pending and not self._requeued)
+        waiting = self.schedule is not None and bool(self.schedule.waiting)
+        return self._aborted or (self._asked >= self.n_trials and not self._pending and not self._requeued
+                                 and not waiting)
 
     def abort_requested(self) -> bool:
         """Whether ``mltask tasks abort`` asked this task to stop (checked by the scheduler)."""

@@ -337,7 +337,7 @@ class Verifier:
 
     def _plan_row(self, row: TrialRow, kind: str, units: list[Unit]) -> _Check:
         assert row.result is not None and row.subtask_id is not None and row.provider is not None
-        spec = TrialSpec(number=row.number, params=row.params, seed=row.seed)
+        spec = self.task.trial_spec(row)  # at the resource the claim was computed with (multi-fidelity)
         claim = TrialResult.model_validate(row.result)
         return self._add(row.subtask_id, row.provider, kind, units, {row.number: spec}, {row.number: claim})
 
@@ -368,7 +368,7 @@ class Verifier:
             if any(r.subtask_id != planned["subtask_id"] or r.result is None for r in live):
                 store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
                 continue
-            specs = {r.number: TrialSpec(number=r.number, params=r.params, seed=r.seed) for r in live}
+            specs = {r.number: self.task.trial_spec(r) for r in live}
             claims = {r.number: TrialResult.model_validate(r.result) for r in live}
             self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
                       planned["id"])
