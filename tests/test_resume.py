@@ -1,4 +1,4 @@
-"""Durability: kill -9, Ctrl-C and abort, then resume; refused resumes; chaos runs, multi-fidelity too."""
+"""Durability: kill -9, Ctrl-C and abort, then resume; refused resumes; a chaos run."""
 
 from __future__ import annotations
 
@@ -25,22 +25,9 @@ def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
     return params["a"] * params["b"] + (seed % 1000) / 1e6
 '''
 
-# Multi-fidelity: the resource ``n`` scales the work and, by a factor that keeps every trial's
-# rank, the score; so the best configuration is the best at every rung, Optuna's eager rule
-# always promotes it, and it is the reported best in every order results can arrive in.
-RUNG_SCRIPT = '''
-import time
-
-def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):
-    time.sleep(DELAY * params["n"])
-    return (params["a"] * params["b"] + (seed % 1000) / 1e6) * params["n"] / (params["n"] + 1)
-'''
-FIDELITY = {"resource": "n", "min_resource": 1, "max_resource": 9, "reduction_factor": 3}
-
 
 def _task(tmp_path: Path, algorithm: str, n: int, subtasks: int, delay: float = 0.02, **options: Any) -> Path:
-    script = RUNG_SCRIPT if "fidelity" in options else SLOW_SCRIPT
-    (tmp_path / "slow.py").write_text(script.replace("DELAY", str(delay)))
+    (tmp_path / "slow.py").write_text(SLOW_SCRIPT.replace("DELAY", str(delay)))
     space = ({"a": list(range(n // 10)), "b": list(range(10))} if algorithm == "grid"
              else {"a": {"type": "float", "low": 0, "high": 1}, "b": {"type": "int", "low": 0, "high": 9}})
     data = task_dict(estimator=None, scoring=None, script={"file": "slow.py"}, algorithm=algorithm,
@@ -74,46 +61,14 @@ def _scores(out: Path) -> dict[str, Any]:
     return {json.dumps(t["params"], sort_keys=True): t["mean_test_score"] for t in doc["trials"]}
 
 
-def _check_study(out: Path, planned: int, states: tuple[str, ...] = ("complete",)) -> None:
-    """Exactly the planned trials, each settled once (in one of ``states``), each configuration told once
-    (multi-fidelity: :func:`_check_rungs` counts each rung evaluation instead)."""
+def _check_study(out: Path, planned: int) -> None:
+    """Exactly the planned trials, each settled once, each configuration told once."""
     with sqlite3.connect(out / "state.db") as conn:
-        numbers = [n for (n, s) in conn.execute("SELECT number, state FROM trials") if s in states]
+        numbers = [n for (n,) in conn.execute("SELECT number FROM trials WHERE state = 'complete'")]
         accepted = [json.loads(t) for (t,) in conn.execute("SELECT trial_numbers FROM subtasks WHERE state='accepted'")]
     assert sorted(numbers) == list(range(planned))
-    if states == ("complete",):
-        told = [n for batch in accepted for n in batch]
-        assert sorted(told) == list(range(planned)), "a trial was accepted twice or never"
-
-
-def _rungs(out: Path) -> list[tuple[Any, ...]]:
-    """Every accepted rung evaluation: (trial, rung, resource, score, decision)."""
-    with sqlite3.connect(out / "state.db") as conn:
-        return list(conn.execute("SELECT number, rung, resource, value, decision FROM rungs ORDER BY number, rung"))
-
-
-def _best(out: Path) -> tuple[Any, ...]:
-    best = results(out)["best"]
-    return best["params"], best["mean_score"], best.get("resource")
-
-
-def _check_rungs(out: Path, planned: int) -> None:
-    """Each trial climbed the ladder from its first rung without a gap, each evaluation was accepted once,
-    and every trial ended: pruned at its top rung, or complete at the maximum resource."""
-    _check_study(out, planned, states=("complete", "pruned"))
-    rungs = _rungs(out)
-    with sqlite3.connect(out / "state.db") as conn:
-        told = [n for (t,) in conn.execute("SELECT trial_numbers FROM subtasks WHERE state = 'accepted' AND "
-                                           "purpose = 'search'") for n in json.loads(t)]
-    assert sorted(told) == sorted(n for n, *_ in rungs), "a rung evaluation was accepted twice or lost"
-    ladder: dict[int, list[tuple[Any, ...]]] = {}
-    for row in rungs:
-        ladder.setdefault(row[0], []).append(row)
-    assert sorted(ladder) == list(range(planned))
-    for number, steps in ladder.items():
-        assert [r[1] for r in steps] == list(range(len(steps))), number
-        assert all(r[4] == "promoted" for r in steps[:-1]) and steps[-1][4] in ("pruned", "complete"), steps
-        assert (steps[-1][4] == "complete") == (steps[-1][2] == FIDELITY["max_resource"]), steps
+    told = [n for batch in accepted for n in batch]
+    assert sorted(told) == list(range(planned)), "a trial was accepted twice or never"
 
 
 @pytest.fixture(scope="module")
@@ -141,27 +96,6 @@ def test_kill_9_then_resume_gives_the_undisturbed_result(algorithm: str, tmp_pat
     assert resumed.wait(120) == 0, resumed.stderr.read()
     _check_study(out, 60)
     assert _scores(out) == undisturbed[algorithm]
-
-
-def test_kill_9_mid_rung_then_resume_loses_and_repeats_no_rung_evaluation(tmp_path: Path) -> None:
-    """Multi-fidelity, one worker: the undisturbed run's rungs are the only right answer, evaluation by evaluation."""
-    task = _task(tmp_path, "random", 30, 30, delay=0.01, fidelity=FIDELITY)
-    calm = tmp_path / "calm"
-    assert _mltask("tasks", "create", str(task), "--output", str(calm), "--quiet", "--workers", "1").wait(120) == 0
-    out = tmp_path / "out"
-    proc = _mltask("tasks", "create", str(task), "--output", str(out), "--quiet", "--workers", "1")
-    end = time.monotonic() + 60
-    while not any(rung > 0 for _, rung, *_ in (_rungs(out) if (out / "state.db").exists() else [])):
-        assert time.monotonic() < end, "no trial was promoted"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    assert _settled(out) < 30
-    resumed = _mltask("tasks", "resume", str(out), "--quiet", "--workers", "1")
-    assert resumed.wait(120) == 0, resumed.stderr.read()
-    _check_rungs(out, 30)
-    assert _rungs(out) == _rungs(calm)
-    assert _best(out) == _best(calm)
 
 
 def test_ctrl_c_stops_saves_and_says_how_to_resume(tmp_path: Path, undisturbed: dict) -> None:
@@ -289,20 +223,12 @@ def test_state_file_appears_only_whole(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["random", "grid", "random-fidelity"])
+@pytest.mark.parametrize("algorithm", ["random", "grid"])
 def test_chaos(algorithm: str, tmp_path: Path) -> None:
-    """200 trials while workers are killed at random and the requestor twice by SIGKILL.
-
-    Multi-fidelity, rung evaluations settle in another order than in a calm run, so which
-    trials climb may differ; what may not: a rung evaluation lost or accepted twice, a
-    trial off its ladder, another best.
-    """
+    """200 trials while workers are killed at random and the requestor twice by SIGKILL."""
     n = 200
-    fidelity = algorithm.endswith("-fidelity")
-    extra = {"fidelity": FIDELITY} if fidelity else {}
     # Kills are the point here, so no batch may give up and no worker slot be dropped for them.
-    task = _task(tmp_path, algorithm.removesuffix("-fidelity"), n, 50, delay=0.01, max_attempts=20,
-                 max_provider_failures=1000, **extra)
+    task = _task(tmp_path, algorithm, n, 50, delay=0.01, max_attempts=20, max_provider_failures=1000)
     calm = tmp_path / "calm"
     assert _mltask("tasks", "create", str(task), "--output", str(calm), "--quiet", "--workers", "2").wait(300) == 0
     out = tmp_path / "out"
@@ -331,10 +257,6 @@ def test_chaos(algorithm: str, tmp_path: Path) -> None:
             os.kill(rng.choice(workers), signal.SIGKILL)
             kills += 1
     assert requestor_kills == 2 and kills >= 3
-    if fidelity:
-        _check_rungs(out, n)
-        assert _best(out) == _best(calm)
-        return
     _check_study(out, n)
     assert _scores(out) == _scores(calm)
 
