@@ -408,3 +408,62 @@ def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path:
     best = task.best_trial()
     assert best.verified == "full" and best.value == honest.best_trial().value
     assert max(r["resource"] for r in rungs if r["number"] == best.number) == 108
+
+
+_RUNG_SCRIPT = "def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n" \
+               "    return params['a'] * params['n'] / (params['n'] + 1)\n"
+
+
+def _climbing_task(tmp_path: Path, name: str) -> Any:
+    """A multi-fidelity script task of 6 one-trial subtasks, created but not run."""
+    from mltask.definition import parse_definition
+    from mltask.task import HyperparameterSearchTask
+
+    (tmp_path / "climb.py").write_text(_RUNG_SCRIPT)
+    data = task_dict(estimator=None, scoring=None, script={"file": "climb.py"}, cv={"kind": "kfold", "folds": 2},
+                     search_space={"a": {"type": "float", "low": 0, "high": 1}}, n_trials=6,
+                     fidelity={"resource": "n", "min_resource": 1, "max_resource": 9, "reduction_factor": 3})
+    data.update(resources=["climb.py"], subtasks_count=6)
+    return HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / name)
+
+
+def test_a_stale_rung_answer_after_a_ban_neither_crashes_nor_revives_a_pruned_trial(tmp_path: Path) -> None:
+    """Regression: a liar's inflated first rung promoted a bad trial; its next rung went to an honest provider;
+    the ban re-ran the first rung, which pruned it; then the honest answer for the next rung arrived and was
+    reported to the finished Optuna trial (UpdateFinishedTrialError, the search died)."""
+    from mltask.protocol import SubtaskResult
+    from mltask.provider import evaluate_subtask
+    from tests.dishonest import RungLiar
+
+    dry = _climbing_task(tmp_path, "dry")
+    first = [dry.next_subtask("x").trials[0] for _ in range(4)]
+    worst = min(range(4), key=lambda i: first[i].params["a"])  # pruned at the first rung once honestly scored
+    task = _climbing_task(tmp_path, "out")
+
+    def answer(subtask: Any, cheat: Any = None) -> None:
+        result = evaluate_subtask(subtask, task.resources_dir)
+        if cheat is not None:
+            result = SubtaskResult.model_validate(cheat(json.loads(result.model_dump_json()), subtask, None))
+        assert task.accept(result)
+
+    sent = [task.next_subtask("liar" if i == worst else "honest") for i in range(4)]  # as in the dry run
+    for i, subtask in enumerate(sent):
+        answer(subtask, RungLiar(9, delta=10.0) if i == worst else None)
+    def sent_for_worst() -> Any:
+        """The next subtask carrying the worst trial; others are answered honestly on the way."""
+        while (subtask := task.next_subtask("honest")).trials[0].number != worst:
+            answer(subtask)
+        return subtask
+
+    stale = sent_for_worst()
+    assert [(t.number, t.resource) for t in stale.trials] == [(worst, 3)]  # the lie promoted it
+    task.ban("liar", "a check failed")
+    answer(stale)  # its basis is void: the trial climbs again from its first rung
+    again = sent_for_worst()
+    assert [(t.number, t.resource) for t in again.trials] == [(worst, 1)]
+    answer(again)
+    assert task.store.trial(worst).state == "pruned" and task.store.top_rung(worst) == 0
+    while (subtask := task.next_subtask("honest")) is not None:
+        assert worst not in {t.number for t in subtask.trials}
+        answer(subtask)
+    assert task.finished() or not task.has_pending_subtasks()
