@@ -159,6 +159,13 @@ def test_every_sampler_climbs_the_rungs(algorithm: str, tmp_path: Path) -> None:
     assert doc["counts"]["pruned"] >= 1, "nothing was stopped early"
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["number", "state", "rung", "resource"] and "rungs" not in header
+    if algorithm == "random":  # Optuna's view: pruned trials with their learning curves
+        from mltask.optuna_export import build_study
+
+        study = build_study(out)
+        states = collections.Counter(t.state.name for t in study.trials)
+        assert states == {"COMPLETE": doc["counts"]["complete"], "PRUNED": doc["counts"]["pruned"]}
+        assert all(max(t.intermediate_values) == 18 for t in study.trials if t.state.name == "COMPLETE")
 
 
 def test_hyperband_and_n_samples_end_to_end(tmp_path: Path) -> None:
