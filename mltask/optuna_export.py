@@ -59,22 +59,30 @@ def build_study(output_dir: Path, storage: Any = None) -> optuna.Study:
     study.set_user_attr("mltask_status", summary.status)
     trials = []
     for row in summary.rows:
-        if row["state"] not in ("complete", "failed"):
+        if row["state"] not in ("complete", "failed", "pruned"):
             continue
         params = space.optuna_params(row["params"])
         attrs = {k: v for k, v in row.items() if k not in _NOT_ATTRS and not k.startswith("param_") and v is not None}
         attrs.update({f"fixed_{name}": value for name, value in fixed.items()}, mltask_number=row["number"])
-        complete = row["state"] == "complete"
+        state = _STATES[row["state"]]
         trials.append(FrozenTrial(
-            number=len(trials), state=TrialState.COMPLETE if complete else TrialState.FAIL,
-            value=row["mean_test_score"] if complete else None, values=None,
-            datetime_start=_time(sent.get(row["subtask"]) or row["finished_at"]),
+            number=len(trials), state=state, value=None if state == TrialState.FAIL else row["mean_test_score"],
+            values=None, datetime_start=_time(sent.get(row["subtask"]) or row["finished_at"]),
             datetime_complete=_time(row["finished_at"]), params=params,
             distributions={name: distributions[name] for name in params}, user_attrs=attrs, system_attrs={},
-            intermediate_values={}, trial_id=len(trials),
+            intermediate_values=_learning_curve(attrs.pop("rungs", [])), trial_id=len(trials),
         ))
     study.add_trials(trials)
     return study
+
+
+_STATES = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}
+
+
+def _learning_curve(rungs: list[dict[str, Any]]) -> dict[int, float]:
+    """Multi-fidelity: each rung's score at its resource (Optuna's steps are whole numbers; else the rung's index)."""
+    whole = all(float(r["resource"]).is_integer() for r in rungs)
+    return {int(r["resource"]) if whole else r["rung"]: r["mean_score"] for r in rungs if r["mean_score"] is not None}
 
 
 def _time(stamp: float | None) -> datetime.datetime | None:

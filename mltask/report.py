@@ -131,7 +131,9 @@ def write_report(output_dir: Path, summary: Summary, notes: list[str], timing: d
         f"- estimator: `{summary.estimator}`",
         f"- dataset: {summary.dataset}; cross-validation: {summary.cv}",
         f"- algorithm: {summary.algorithm}; scoring: {summary.scoring} ({summary.direction})",
-        f"- trials: {counts['complete']} complete, {counts['failed']} failed, of {counts['planned']} planned",
+        f"- trials: {counts['complete']} complete, "
+        + (f"{counts['pruned']} pruned (stopped before {summary.max_resource}), " if "pruned" in counts else "")
+        + f"{counts['failed']} failed, of {counts['planned']} planned",
     ]
     if timing and "search_seconds" in timing:
         search, refit, runs = timing["search_seconds"], timing.get("refit_seconds", 0.0), timing.get("runs", 1)

@@ -309,10 +309,10 @@ class HyperparameterSearchTask:
     def _new_study(self, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
         if self.schedule is None:
             return optuna.create_study(direction=self.direction, sampler=sampler)
-        # Named after the task: Hyperband assigns brackets from the study name, so a rebuilt
-        # study must carry the same one.
+        # One fixed name: Hyperband assigns brackets from the study name and trial number, so a
+        # rebuilt study, and another run of the same task file, must carry the same one.
         return optuna.create_study(direction=self.direction, sampler=sampler, pruner=self.schedule.pruner(),
-                                   study_name=f"mltask-{self.task_id}")
+                                   study_name="mltask")
 
     def _first_rung(self, number: int) -> int:
         assert self.schedule is not None

@@ -102,6 +102,27 @@ def test_search_in_containers_matches_the_local_backend(provider_image: str, tmp
 
 
 @pytest.mark.docker
+def test_multi_fidelity_in_containers_matches_the_local_backend(provider_image: str, tmp_path: Path) -> None:
+    """Rung evaluations (training folds subsampled inside the container) score as on the requestor."""
+    data = task_dict(estimator="sklearn.ensemble.HistGradientBoostingClassifier", dataset={"builtin": "breast_cancer"},
+                     search_space={"learning_rate": {"type": "float", "low": 0.01, "high": 0.5, "log": True}},
+                     n_trials=6, fidelity={"resource": "n_samples", "min_resource": 40, "reduction_factor": 3})
+    # One provider each: ASHA's decisions depend on the order results arrive in.
+    run_task(data, backend="docker", workers=1, image=provider_image, output=tmp_path / "docker", quiet=True)
+    run_task(data, backend="local", workers=1, output=tmp_path / "local", quiet=True)
+    docker_doc, local_doc = results(tmp_path / "docker"), results(tmp_path / "local")
+    assert docker_doc["status"] == "finished" and docker_doc["counts"]["pruned"] >= 1
+
+    def rungs(doc: dict) -> dict:
+        return {t["number"]: [(r["resource"], r["mean_score"], r["status"]) for r in t["rungs"]] for t in doc["trials"]}
+
+    assert rungs(docker_doc) == rungs(local_doc)
+    assert docker_doc["best"]["resource"] == 379 and docker_doc["best"]["verified"] == "full"
+    assert docker_doc["verification"]["banned_providers"] == {}
+    assert not _leftover_containers()
+
+
+@pytest.mark.docker
 def test_container_is_sandboxed(provider_image: str, tmp_path: Path) -> None:
     data = _script_task(tmp_path, "escape", n=2, subtasks=1)
     # The requestor's re-run could escape (root, a network), so its scores would differ: no checks here.

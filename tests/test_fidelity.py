@@ -159,6 +159,13 @@ def test_every_sampler_climbs_the_rungs(algorithm: str, tmp_path: Path) -> None:
     assert doc["counts"]["pruned"] >= 1, "nothing was stopped early"
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["number", "state", "rung", "resource"] and "rungs" not in header
+    if algorithm == "random":  # Optuna's view: pruned trials with their learning curves
+        from mltask.optuna_export import build_study
+
+        study = build_study(out)
+        states = collections.Counter(t.state.name for t in study.trials)
+        assert states == {"COMPLETE": doc["counts"]["complete"], "PRUNED": doc["counts"]["pruned"]}
+        assert all(max(t.intermediate_values) == 18 for t in study.trials if t.state.name == "COMPLETE")
 
 
 def test_hyperband_and_n_samples_end_to_end(tmp_path: Path) -> None:
@@ -204,3 +211,30 @@ def test_bad_fidelity_settings_get_one_line(fidelity: dict, field: str, words: s
     code, _, err = run_cli(["tasks", "create", str(path), "--output", str(tmp_path / "out"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert field in err and words in err, err
+
+
+# -- verification ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cheat", ["inflate", "random_scores"])
+def test_a_faked_rung_score_is_caught_and_no_promotion_rests_on_it(cheat: str, tmp_path: Path) -> None:
+    """A cheat faking rung scores (to promote bad configurations or prune good ones) is banned once caught,
+    everything it reported is run again, and every rung score that stands is the honest one at its resource."""
+    from tests.dishonest import CHEATS, run_inline
+
+    data = fidelity_task("random", 12)
+    data["options"]["verification"] = {"budget": 0.3}
+    task, backend, status = run_inline(data, tmp_path / "out", {"honest": None, "cheat": CHEATS[cheat]})
+    assert status == "finished" and backend.faked["cheat"] > 0
+    rungs = task.store.rungs()
+    assert set(task.store.bans()) == {"cheat"}  # it fakes every result: its first subtask's check catches it
+    assert rungs and all(r["provider"] == "honest" for r in rungs)
+    rows = {r.number: r for r in task.store.trials()}
+    assert all(r.state in ("complete", "pruned") for r in rows.values())
+    for rung in rungs:  # nothing faked stands: each score is the honest one at its rung's resource
+        spec = task._rung_spec(rows[rung["number"]], rung["rung"])
+        subtask = SubtaskDefinition(task_id=task.task_id, subtask_id="x", problem=task.problem, trials=[spec])
+        assert evaluate_subtask(subtask, task.resources_dir).trials[0].mean_score == rung["value"]
+    best = task.best_trial()
+    assert best.verified == "full" and best.state == "complete"
+    assert task.store.rung_of(best.number, best.subtask_id) == task.schedule.top

@@ -280,3 +280,40 @@ def _descendants(pid: int) -> list[int]:
         if b"forkserver" in cmdline:
             workers += children.get(child, [])
     return workers
+
+
+def _rungs(out: Path) -> list[tuple]:
+    with sqlite3.connect(out / "state.db") as conn:
+        return conn.execute("SELECT number, rung, resource, value, decision FROM rungs ORDER BY number, rung"
+                            ).fetchall()
+
+
+@pytest.mark.parametrize("schedule", ["asha", "hyperband"])
+def test_kill_9_between_rungs_loses_and_repeats_no_rung_evaluation(schedule: str, tmp_path: Path) -> None:
+    """Multi-fidelity: accepted rungs stand, in-flight ones run again at the same resource, promotions wait again.
+
+    One worker, so the undisturbed run's order (on which ASHA's decisions depend) is fixed.
+    """
+    fidelity = {"resource": "epochs", "min_resource": 1, "max_resource": 9, "schedule": schedule}
+    task = _task(tmp_path, "random", 24, 12, delay=0.02, fidelity=fidelity)
+    script = (tmp_path / "slow.py").read_text().replace('params["a"] * params["b"]',
+                                                        'params["a"] * params["b"] * params["epochs"] ** 0.5')
+    (tmp_path / "slow.py").write_text(script)
+    calm = tmp_path / "calm"
+    assert _mltask("tasks", "create", str(task), "--output", str(calm), "--quiet", "--workers", "1").wait(120) == 0
+    out = tmp_path / "out"
+    proc = _mltask("tasks", "create", str(task), "--output", str(out), "--quiet", "--workers", "1")
+    end = time.monotonic() + 60
+    while not (out / "state.db").exists() or not any(rung > 0 for _, rung, *_ in _rungs(out)):
+        assert time.monotonic() < end, "no trial was promoted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert 0 < len(_rungs(out)) < len(_rungs(calm))
+    resumed = _mltask("tasks", "resume", str(out), "--quiet", "--workers", "1")
+    assert resumed.wait(120) == 0, resumed.stderr.read()
+    assert _rungs(out) == _rungs(calm)
+    with sqlite3.connect(out / "state.db") as conn:
+        accepted = sum(len(json.loads(t)) for (t,) in conn.execute(
+            "SELECT trial_numbers FROM subtasks WHERE purpose = 'search' AND state = 'accepted'"))
+    assert accepted == len(_rungs(out)), "a rung evaluation was accepted twice"
