@@ -581,7 +581,9 @@ class HyperparameterSearchTask:
                 self.schedule.waiting[n] = self._next_rung(n)
                 del last_batch[n]
         for attempt, numbers in dict.fromkeys(last_batch.values()):
-            trials = [self._requeued_spec(rows[n]) for n in numbers if n in running]
+            # Each trial once, in the batch it was last sent in: a multi-fidelity trial was sent in
+            # several (a rung each, in other company), and queued in each it would run a rung twice.
+            trials = [self._requeued_spec(rows[n]) for n in numbers if last_batch.get(n) == (attempt, numbers)]
             self._requeued.append(_Batch(trials, attempt))
 
     def _requeued_spec(self, row: TrialRow) -> TrialSpec:

@@ -395,7 +395,9 @@ RUNGS = {"resource": "n_samples", "min_resource": 12, "max_resource": 108, "redu
 def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path: Path) -> None:
     """Multi-fidelity: a provider faking scores below the maximum resource only (to promote a bad configuration
     or stop a good one) lies in its first answer, which is always checked, at the rung's resource: it is
-    banned, none of its evaluations survive, and every score left is the honest one."""
+    banned, none of its evaluations survive, and every score left is the honest one. (Which trials climb
+    depends on the order answers arrive in, so the best may differ from an honest run's; it is re-run in
+    full at the maximum resource.)"""
     data = _search(fidelity=RUNGS)
     honest, _, _ = run_inline(data, tmp_path / "honest" / "out", {"a": None, "b": None})
     truth = {(r["number"], r["rung"]): r["value"] for r in honest.store.rungs()}
@@ -406,16 +408,15 @@ def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path:
     assert rungs and all(r["provider"] != "local-1" for r in rungs)
     assert all(r["value"] == truth[r["number"], r["rung"]] for r in rungs if (r["number"], r["rung"]) in truth)
     best = task.best_trial()
-    assert best.verified == "full" and best.value == honest.best_trial().value
-    assert max(r["resource"] for r in rungs if r["number"] == best.number) == 108
+    assert best.verified == "full" and max(r["resource"] for r in rungs if r["number"] == best.number) == 108
 
 
 _RUNG_SCRIPT = "def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n" \
                "    return params['a'] * params['n'] / (params['n'] + 1)\n"
 
 
-def _climbing_task(tmp_path: Path, name: str) -> Any:
-    """A multi-fidelity script task of 6 one-trial subtasks, created but not run."""
+def _climbing_task(tmp_path: Path, name: str, batch: int = 1) -> Any:
+    """A multi-fidelity script task of 6 trials in subtasks of ``batch``, created but not run."""
     from mltask.definition import parse_definition
     from mltask.task import HyperparameterSearchTask
 
@@ -423,14 +424,14 @@ def _climbing_task(tmp_path: Path, name: str) -> Any:
     data = task_dict(estimator=None, scoring=None, script={"file": "climb.py"}, cv={"kind": "kfold", "folds": 2},
                      search_space={"a": {"type": "float", "low": 0, "high": 1}}, n_trials=6,
                      fidelity={"resource": "n", "min_resource": 1, "max_resource": 9, "reduction_factor": 3})
-    data.update(resources=["climb.py"], subtasks_count=6)
+    data.update(resources=["climb.py"], subtasks_count=6 // batch)
     return HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / name)
 
 
-def test_a_stale_rung_answer_after_a_ban_neither_crashes_nor_revives_a_pruned_trial(tmp_path: Path) -> None:
-    """Regression: a liar's inflated first rung promoted a bad trial; its next rung went to an honest provider;
-    the ban re-ran the first rung, which pruned it; then the honest answer for the next rung arrived and was
-    reported to the finished Optuna trial (UpdateFinishedTrialError, the search died)."""
+def test_a_rung_answer_whose_basis_a_ban_voided_sends_the_trial_back_to_its_first_rung(tmp_path: Path) -> None:
+    """A liar's inflated first rung promoted a bad trial and its next rung went to an honest provider; after
+    the ban that answer's basis is void: the trial climbs again from its first rung, where honest scores prune
+    it, and it is never sent again."""
     from mltask.protocol import SubtaskResult
     from mltask.provider import evaluate_subtask
     from tests.dishonest import RungLiar
@@ -467,3 +468,26 @@ def test_a_stale_rung_answer_after_a_ban_neither_crashes_nor_revives_a_pruned_tr
         assert worst not in {t.number for t in subtask.trials}
         answer(subtask)
     assert task.finished() or not task.has_pending_subtasks()
+
+
+def test_a_ban_sends_each_climbing_trial_once(tmp_path: Path) -> None:
+    """Regression: a banned provider's trials were re-queued once per batch they had been sent in, and a
+    multi-fidelity trial is sent in several (a rung each, with other companions), so each rung ran twice and
+    the second answer promoted a pruned trial, whose next rung then crashed the search (UpdateFinishedTrialError)."""
+    from mltask.provider import evaluate_subtask
+
+    task = _climbing_task(tmp_path, "out", batch=2)
+    first, second = task.next_subtask("banned"), task.next_subtask("banned")
+    # Answered out of order, the promotions mix the batches: the trials climb in other company (here
+    # (2, 3), (0, 1), then (1, 2) and (1, 4)), all of it from the provider banned below.
+    for subtask in (second, first, None, None):
+        subtask = subtask or task.next_subtask("banned")
+        assert task.accept(evaluate_subtask(subtask, task.resources_dir))
+    task.ban("banned", "a check failed")
+    sent = []
+    while (subtask := task.next_subtask("honest")) is not None:
+        sent += [(t.number, t.resource) for t in subtask.trials]
+        assert task.accept(evaluate_subtask(subtask, task.resources_dir))
+    assert len(sent) == len(set(sent)), sorted(sent)  # no rung evaluation twice
+    assert task.finished()
+    assert {r["provider"] for r in task.store.rungs()} == {"honest"}
