@@ -1,4 +1,4 @@
-"""Durability: kill -9, Ctrl-C and abort, then resume; refused resumes; a chaos run."""
+"""Durability: kill -9, Ctrl-C and abort, then resume; refused resumes; chaos runs, multi-fidelity too."""
 
 from __future__ import annotations
 
@@ -223,12 +223,26 @@ def test_state_file_appears_only_whole(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["random", "grid"])
+@pytest.mark.parametrize("algorithm", ["random", "grid", "asha"])
 def test_chaos(algorithm: str, tmp_path: Path) -> None:
-    """200 trials while workers are killed at random and the requestor twice by SIGKILL."""
+    """200 trials while workers are killed at random and the requestor twice by SIGKILL.
+
+    ``asha``: a multi-fidelity random search, whose score scales with the resource by a factor
+    that keeps every trial's rank, so the best configuration is the best at every rung and
+    Optuna's eager rule promotes it whatever order answers arrive in. Which other trials climb
+    depends on that order, so the check is: no rung evaluation lost or accepted twice, every
+    trial settled on its ladder, the calm run's best.
+    """
     n = 200
+    fidelity = algorithm == "asha"
+    extra = {"fidelity": {"resource": "epochs", "min_resource": 1, "max_resource": 9}} if fidelity else {}
     # Kills are the point here, so no batch may give up and no worker slot be dropped for them.
-    task = _task(tmp_path, algorithm, n, 50, delay=0.01, max_attempts=20, max_provider_failures=1000)
+    task = _task(tmp_path, "random" if fidelity else algorithm, n, 50, delay=0.01, max_attempts=20,
+                 max_provider_failures=1000, **extra)
+    if fidelity:
+        script = (tmp_path / "slow.py").read_text()
+        score = 'params["a"] * params["b"] + (seed % 1000) / 1e6'
+        (tmp_path / "slow.py").write_text(script.replace(score, f'params["epochs"] / 10 * ({score})'))
     calm = tmp_path / "calm"
     assert _mltask("tasks", "create", str(task), "--output", str(calm), "--quiet", "--workers", "2").wait(300) == 0
     out = tmp_path / "out"
@@ -257,8 +271,37 @@ def test_chaos(algorithm: str, tmp_path: Path) -> None:
             os.kill(rng.choice(workers), signal.SIGKILL)
             kills += 1
     assert requestor_kills == 2 and kills >= 3
+    if fidelity:
+        _check_ladders(out, n, top=9)
+        assert _best(out) == _best(calm)
+        return
     _check_study(out, n)
     assert _scores(out) == _scores(calm)
+
+
+def _best(out: Path) -> tuple[Any, ...]:
+    best = results(out)["best"]
+    return best["params"], best["mean_score"], best["resource"]
+
+
+def _check_ladders(out: Path, planned: int, top: int) -> None:
+    """Every planned trial settled, each rung evaluation accepted once, each trial's rungs one climb from its
+    first: promoted at every rung but its last, where it was pruned or, at the ``top`` resource, complete."""
+    with sqlite3.connect(out / "state.db") as conn:
+        states = dict(conn.execute("SELECT number, state FROM trials"))
+        told = [n for (t,) in conn.execute("SELECT trial_numbers FROM subtasks WHERE purpose = 'search' AND "
+                                           "state = 'accepted'") for n in json.loads(t)]
+    rungs = _rungs(out)
+    assert sorted(states) == list(range(planned)) and set(states.values()) <= {"complete", "pruned"}
+    assert sorted(told) == sorted(n for n, *_ in rungs), "a rung evaluation was accepted twice or lost"
+    ladders: dict[int, list[tuple[Any, ...]]] = {}
+    for row in rungs:
+        ladders.setdefault(row[0], []).append(row)
+    assert sorted(ladders) == list(range(planned))
+    for number, (*climbed, last) in ladders.items():
+        assert [r[1] for r in climbed] == list(range(last[1])), number
+        assert all(r[4] == "promoted" for r in climbed) and last[4] == states[number], (climbed, last)
+        assert (last[4] == "complete") == (last[2] == top), last
 
 
 def _descendants(pid: int) -> list[int]:
