@@ -150,7 +150,7 @@ def run_mltask(task: dict[str, Any], data_dir: Path, max_resource: int) -> Run:
         run_task(task, workers=2, output=out, resources_root=data_dir, quiet=True)
         doc = json.loads((out / "results.json").read_text())
         settled = {sid: at - started for sid, at in _settle_times(out).items()}
-    trials = [t for t in doc["trials"] if t["state"] == "complete"]
+    trials = [t for t in doc["trials"] if t["state"] in ("complete", "pruned")]
     timeline, evaluations, scores = [], 0, {}
     for trial in trials:
         rungs = trial.get("rungs")
@@ -162,7 +162,7 @@ def run_mltask(task: dict[str, Any], data_dir: Path, max_resource: int) -> Run:
         timeline += [(settled[r["subtask_id"]], r["mean_score"]) for r in ok if r["resource"] == max_resource]
         scores.update({(_key(trial["params"]), r["resource"]): r["mean_score"] for r in ok})
     best = doc["best"]
-    assert "rungs" not in trials[0] or best["resource"] == max_resource, "the reported best is not at max_resource"
+    assert not evaluations or best["resource"] == max_resource, "the reported best is not at max_resource"
     return Run(seconds=doc["timing"]["search_seconds"] + doc["timing"]["refit_seconds"],
                configs=sorted(_key(t["params"]) for t in doc["trials"]), best=best["mean_score"],
                timeline=timeline, last_settled=max(t["finished_at"] for t in trials) - started,
