@@ -316,7 +316,7 @@ class HyperparameterSearchTask:
 
     def _first_rung(self, number: int) -> int:
         assert self.schedule is not None
-        return self.schedule.first_rung(self.study, self.study.get_trials(deepcopy=False)[number])
+        return self.schedule.first_rung(self.study, number)
 
     def _next_rung(self, number: int) -> int:
         """The rung trial ``number`` is to be evaluated at next, from its accepted rungs in the store."""
