@@ -238,3 +238,35 @@ def test_a_faked_rung_score_is_caught_and_no_promotion_rests_on_it(cheat: str, t
     best = task.best_trial()
     assert best.verified == "full" and best.state == "complete"
     assert task.store.rung_of(best.number, best.subtask_id) == task.schedule.top
+
+
+def test_a_state_of_the_previous_schema_is_migrated_and_resumes(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Schema 2 (before multi-fidelity) had no rungs table and no 'pruned' trials; opening it upgrades it."""
+    import sqlite3
+
+    out = tmp_path / "out"
+    run_task(task_dict(n_trials=4), workers=1, output=out, quiet=True)
+    with sqlite3.connect(out / "state.db") as conn:  # back to schema 2, as the previous mltask wrote it
+        conn.executescript("""
+            DROP TABLE rungs;
+            CREATE TABLE old AS SELECT * FROM trials; DROP TABLE trials;
+            CREATE TABLE trials (number INTEGER PRIMARY KEY, params TEXT NOT NULL, seed INTEGER NOT NULL,
+                system_attrs TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed')),
+                value REAL, result TEXT, subtask_id TEXT, provider TEXT, finished_at REAL,
+                verified TEXT CHECK (verified IN ('full', 'spot', 'cross')));
+            INSERT INTO trials SELECT * FROM old; DROP TABLE old;
+            UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
+    def kept(doc: dict) -> list:
+        return [(t["number"], t["state"], t["params"], t["mean_test_score"], t["subtask"]) for t in doc["trials"]]
+
+    before = kept(results(out))
+    data = task_dict(n_trials=6)
+    more = write_task(tmp_path, data)
+    code, _, err = run_cli(["tasks", "resume", str(out), "--task", str(more), "--quiet"], capsys)
+    assert code == 0, err
+    doc = results(out)
+    assert doc["counts"]["complete"] == 6 and kept(doc)[:4] == before
+    with sqlite3.connect(out / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+        conn.execute("UPDATE trials SET state = 'pruned' WHERE number = 0")  # the new constraint holds
