@@ -270,3 +270,36 @@ def test_a_state_of_the_previous_schema_is_migrated_and_resumes(tmp_path: Path,
     with sqlite3.connect(out / "state.db") as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
         conn.execute("UPDATE trials SET state = 'pruned' WHERE number = 0")  # the new constraint holds
+
+
+def test_a_check_planned_on_a_lower_rung_survives_a_stop_after_the_trial_climbed(tmp_path: Path) -> None:
+    """Regression: a resumed verifier read the claim from the trial's row, which by then held a higher rung,
+    and cancelled the check as if the evaluation had been reopened."""
+    from mltask.verifier import Verifier
+    from tests.dishonest import InlineBackend, InlineReferee
+
+    data = fidelity_task("random", 6)
+    data["subtasks_count"] = 2
+    data["options"]["verification"] = {"budget": 1.0}
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    backend = InlineBackend({"a": None})
+    backend.start(task.resources_dir, tmp_path / "scratch")
+    verifier = Verifier(task, InlineReferee(task.problem, task.resources_dir))
+    verifier.saw("a")
+    for _ in range(2):  # the second subtask carries the first one's promotions
+        backend.submit("a", task.next_subtask("a"), 60)
+        for completion in backend.wait(1):
+            verifier.settle(completion, 0.1)
+    planned = task.store.checks("planned")
+    first = [c for c in planned if c["subtask_id"] == "s000001"]
+    assert first, "the provider's first subtask is always checked"
+    climbed = {n for c in first for n, _ in c["units"]} & {r.number for r in task.store.trials()
+                                                          if r.subtask_id != "s000001"}
+    assert climbed, "no checked trial was promoted and evaluated again"
+    task.store.close()
+    again = HyperparameterSearchTask.load(tmp_path / "out")
+    resumed = Verifier(again, InlineReferee(again.problem, again.resources_dir))
+    assert {c.id for c in resumed._checks.values()} == {c["id"] for c in planned}
+    for check in resumed._checks.values():
+        if check.subtask_id == "s000001":
+            assert all(spec.resource == 2 for spec in check.specs.values())  # rung 0, as the claim was computed
