@@ -19,7 +19,7 @@ study's pruner state from the store.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import optuna
 from optuna.pruners import BasePruner, HyperbandPruner, SuccessiveHalvingPruner
@@ -68,7 +68,7 @@ class RungSchedule:
     def step(self, rung: int) -> int:
         return self.factor**rung
 
-    def first_rung(self, study: optuna.Study, trial: Any) -> int:
+    def first_rung(self, study: optuna.Study, number: int) -> int:
         """The rung a fresh trial starts at: 0, or under Hyperband its bracket's first rung.
 
         Hyperband's bracket ``b`` would promote its trials through rungs below ``b`` without
@@ -81,7 +81,7 @@ class RungSchedule:
         assert isinstance(pruner, HyperbandPruner)
         if not pruner._pruners:  # Optuna builds its brackets on the first prune (once); we need them first
             pruner._try_initialization(study)
-        return min(pruner._get_bracket_id(study, trial), self.top)
+        return min(pruner._get_bracket_id(study, _frozen(study, number)), self.top)
 
     def decide(self, study: optuna.Study, number: int, rung: int, value: float) -> Decision:
         """Report rung ``rung``'s ``value`` for trial ``number`` and let the pruner decide.
@@ -92,10 +92,9 @@ class RungSchedule:
         """
         if rung >= self.top:
             return "complete"
-        storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        storage.set_trial_intermediate_value(trial_id, self.step(rung), value)
-        if study.pruner.prune(study, storage.get_trial(trial_id)):
+        trial = _frozen(study, number)
+        study._storage.set_trial_intermediate_value(trial._trial_id, self.step(rung), value)
+        if study.pruner.prune(study, _frozen(study, number)):
             return "pruned"
         self.waiting[number] = rung + 1
         return "promoted"
@@ -126,3 +125,9 @@ class RungSchedule:
     def spent(self, climbed: list[int]) -> float:
         """The resource the rungs in ``climbed`` cost (each rung trains from scratch)."""
         return math.fsum(self.resources[rung] for rung in climbed)
+
+
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """Trial ``number`` as stored now, without listing every trial of the study."""
+    storage = study._storage
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))

@@ -36,6 +36,7 @@ _REFERENCE_SECTIONS = (
     ("options.cv", "CVSpec"),
     ("options.script", "ScriptSpec"),
     ("options.verification", "VerificationOptions"),
+    ("options.fidelity", "FidelitySpec"),
     ("search space: int", "IntParam"),
     ("search space: float", "FloatParam"),
     ("search space: categorical", "CategoricalParam"),

@@ -24,7 +24,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from mltask.data import Dataset, load_dataset
-from mltask.definition import GROUP_KINDS, N_SAMPLES, FidelitySpec, TaskDefinition
+from mltask.definition import GROUP_KINDS, N_SAMPLES, STRATIFIED_KINDS, FidelitySpec, TaskDefinition
 from mltask.errors import TaskError
 from mltask.param_values import check_param, estimator_params
 from mltask.problem import build_estimator, load_script, make_splits
@@ -101,8 +101,9 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
         raise TaskError("options.cv", f"cannot split the dataset: {exc}") from None
     max_resource = None
     if opts.fidelity is not None:
+        # Subsamples are stratified as the evaluator does it: for classifiers and stratified CV kinds.
         max_resource = _check_fidelity(opts.fidelity, None if opts.script is not None else estimator, data, splits,
-                                       classifier)
+                                       classifier or kind in STRATIFIED_KINDS)
     make_sampler(opts.algorithm, opts.search_space, opts.seed)  # raises on an unusable space
     n_trials = _trial_budget(definition)
     per_subtask = ADAPTIVE_TRIALS_PER_SUBTASK.get(opts.algorithm, TRIALS_PER_SUBTASK)
@@ -116,7 +117,7 @@ def resolve(definition: TaskDefinition, base_dir: Path, resources_dir: Path,
 
 
 def _check_fidelity(fidelity: FidelitySpec, estimator: object | None, data: Dataset, splits: list,
-                    classifier: bool) -> float:
+                    stratified: bool) -> float:
     """A resource the rungs can set: an estimator parameter, or row counts every training fold can give;
     returns the maximum resource (``null`` for ``n_samples``: the smallest training fold's rows).
 
@@ -141,7 +142,7 @@ def _check_fidelity(fidelity: FidelitySpec, estimator: object | None, data: Data
     if fidelity.min_resource >= smallest:
         raise TaskError(f"{field}.min_resource", f"{fidelity.min_resource} leaves nothing to halve: the smallest "
                         f"training fold has {smallest} rows; lower it")
-    if classifier:
+    if stratified:
         classes = len(np.unique(data.y))
         if fidelity.min_resource < 2 * classes:
             raise TaskError(f"{field}.min_resource", f"{fidelity.min_resource} rows cannot hold 2 of each of the "

@@ -503,7 +503,14 @@ class Store:
 
     def rungs(self) -> list[dict[str, Any]]:
         """Every accepted rung evaluation (multi-fidelity), by trial and rung; ``result`` parsed."""
-        rows = self._dicts("SELECT * FROM rungs ORDER BY number, rung")
+        return self._rung_rows("ORDER BY number, rung")
+
+    def rungs_of(self, subtask_id: str) -> list[dict[str, Any]]:
+        """The rung evaluations ``subtask_id`` reported that still stand."""
+        return self._rung_rows("WHERE subtask_id = ?", (subtask_id,))
+
+    def _rung_rows(self, where: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        rows = self._dicts(f"SELECT * FROM rungs {where}", args)
         for row in rows:
             row["result"] = json.loads(row["result"])
         return rows
@@ -520,8 +527,8 @@ class Store:
         rows = self._dicts("SELECT * FROM subtasks ORDER BY seq, created_at")
         return [r for r in rows if purpose is None or r["purpose"] == purpose]
 
-    def _dicts(self, query: str) -> list[dict[str, Any]]:
-        cur = self._conn.execute(query)
+    def _dicts(self, query: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self._conn.execute(query, args)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur]
 

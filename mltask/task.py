@@ -31,7 +31,7 @@ from mltask.definition import TaskDefinition
 from mltask.errors import TaskError
 from mltask.fidelity import RungSchedule
 from mltask.outdir import RESOURCES_DIR, STATE_FILE
-from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialSpec, dumps
+from mltask.protocol import Problem, SubtaskDefinition, SubtaskResult, TrialResult, TrialSpec, dumps
 from mltask.resolution import resolve
 from mltask.samplers import make_sampler
 from mltask.store import Store, TrialRow, state_errors
@@ -316,7 +316,7 @@ class HyperparameterSearchTask:
 
     def _first_rung(self, number: int) -> int:
         assert self.schedule is not None
-        return self.schedule.first_rung(self.study, self.study.get_trials(deepcopy=False)[number])
+        return self.schedule.first_rung(self.study, number)
 
     def _next_rung(self, number: int) -> int:
         """The rung trial ``number`` is to be evaluated at next, from its accepted rungs in the store."""
@@ -332,6 +332,24 @@ class HyperparameterSearchTask:
         if self.schedule is None or row.subtask_id is None:
             return TrialSpec(number=row.number, params=row.params, seed=row.seed)
         return self._rung_spec(row, self.store.rung_of(row.number, row.subtask_id))
+
+    def claims(self, numbers: set[int], subtask_id: str) -> tuple[dict[int, TrialSpec], dict[int, TrialResult]] | None:
+        """What ``subtask_id`` claimed for trials ``numbers``, with the specs it answered; ``None`` once reopened.
+
+        Multi-fidelity: a promoted trial's row holds its latest rung, so an earlier rung's
+        claim (a check planned before a stop) is read from the rungs table.
+        """
+        if self.schedule is None:
+            rows = [self.store.trial(n) for n in numbers]
+            if any(r.subtask_id != subtask_id or r.result is None for r in rows):
+                return None
+            return ({r.number: self.trial_spec(r) for r in rows},
+                    {r.number: TrialResult.model_validate(r.result) for r in rows})
+        rungs = {r["number"]: r for r in self.store.rungs_of(subtask_id)}
+        if not numbers <= set(rungs):
+            return None
+        return ({n: self._rung_spec(self.store.trial(n), rungs[n]["rung"]) for n in numbers},
+                {n: TrialResult.model_validate(rungs[n]["result"]) for n in numbers})
 
     def _system_attrs(self) -> dict[str, Any]:
         # Samplers such as GridSampler keep their bookkeeping (grid_id) on the trial; the

@@ -361,15 +361,13 @@ class Verifier:
         for sub in store.subtasks("search"):
             if sub["state"] == "accepted":
                 self.policy.provider(sub["provider"]).accepted += 1
-        rows = {r.number: r for r in store.trials()}
         for planned in store.checks("planned"):
             units = planned["units"]
-            live = [rows[n] for n in {n for n, _ in units}]
-            if any(r.subtask_id != planned["subtask_id"] or r.result is None for r in live):
+            claimed = self.task.claims({n for n, _ in units}, planned["subtask_id"])
+            if claimed is None:
                 store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
                 continue
-            specs = {r.number: self.task.trial_spec(r) for r in live}
-            claims = {r.number: TrialResult.model_validate(r.result) for r in live}
+            specs, claims = claimed
             self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
                       planned["id"])
 

@@ -72,11 +72,11 @@ def test_hyperband_starts_each_bracket_at_its_own_rung() -> None:
     schedule = RungSchedule(FidelitySpec(resource="max_iter", min_resource=1, max_resource=27, schedule="hyperband"),
                             27)
     study = optuna.create_study(direction="maximize", pruner=schedule.pruner(), study_name="s")
-    starts = collections.Counter(schedule.first_rung(study, study.ask()) for _ in range(400))
+    starts = collections.Counter(schedule.first_rung(study, study.ask().number) for _ in range(400))
     assert set(starts) == {0, 1, 2, 3} and starts[0] > starts[1] > starts[3]
     again = optuna.create_study(direction="maximize", pruner=schedule.pruner(), study_name="s")
-    assert [schedule.first_rung(again, again.ask()) for _ in range(50)] == [
-        schedule.first_rung(study, t) for t in study.get_trials()[:50]]  # a rebuilt study agrees
+    assert [schedule.first_rung(again, again.ask().number) for _ in range(50)] == [
+        schedule.first_rung(study, n) for n in range(50)]  # a rebuilt study agrees
 
 
 # -- what providers compute -----------------------------------------------------------------------
@@ -238,3 +238,68 @@ def test_a_faked_rung_score_is_caught_and_no_promotion_rests_on_it(cheat: str, t
     best = task.best_trial()
     assert best.verified == "full" and best.state == "complete"
     assert task.store.rung_of(best.number, best.subtask_id) == task.schedule.top
+
+
+def test_a_state_of_the_previous_schema_is_migrated_and_resumes(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Schema 2 (before multi-fidelity) had no rungs table and no 'pruned' trials; opening it upgrades it."""
+    import sqlite3
+
+    out = tmp_path / "out"
+    run_task(task_dict(n_trials=4), workers=1, output=out, quiet=True)
+    with sqlite3.connect(out / "state.db") as conn:  # back to schema 2, as the previous mltask wrote it
+        conn.executescript("""
+            DROP TABLE rungs;
+            CREATE TABLE old AS SELECT * FROM trials; DROP TABLE trials;
+            CREATE TABLE trials (number INTEGER PRIMARY KEY, params TEXT NOT NULL, seed INTEGER NOT NULL,
+                system_attrs TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('running', 'complete', 'failed')),
+                value REAL, result TEXT, subtask_id TEXT, provider TEXT, finished_at REAL,
+                verified TEXT CHECK (verified IN ('full', 'spot', 'cross')));
+            INSERT INTO trials SELECT * FROM old; DROP TABLE old;
+            UPDATE meta SET value = '2' WHERE key = 'schema_version';""")
+    def kept(doc: dict) -> list:
+        return [(t["number"], t["state"], t["params"], t["mean_test_score"], t["subtask"]) for t in doc["trials"]]
+
+    before = kept(results(out))
+    data = task_dict(n_trials=6)
+    more = write_task(tmp_path, data)
+    code, _, err = run_cli(["tasks", "resume", str(out), "--task", str(more), "--quiet"], capsys)
+    assert code == 0, err
+    doc = results(out)
+    assert doc["counts"]["complete"] == 6 and kept(doc)[:4] == before
+    with sqlite3.connect(out / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+        conn.execute("UPDATE trials SET state = 'pruned' WHERE number = 0")  # the new constraint holds
+
+
+def test_a_check_planned_on_a_lower_rung_survives_a_stop_after_the_trial_climbed(tmp_path: Path) -> None:
+    """Regression: a resumed verifier read the claim from the trial's row, which by then held a higher rung,
+    and cancelled the check as if the evaluation had been reopened."""
+    from mltask.verifier import Verifier
+    from tests.dishonest import InlineBackend, InlineReferee
+
+    data = fidelity_task("random", 6)
+    data["subtasks_count"] = 2
+    data["options"]["verification"] = {"budget": 1.0}
+    task = HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / "out")
+    backend = InlineBackend({"a": None})
+    backend.start(task.resources_dir, tmp_path / "scratch")
+    verifier = Verifier(task, InlineReferee(task.problem, task.resources_dir))
+    verifier.saw("a")
+    for _ in range(2):  # the second subtask carries the first one's promotions
+        backend.submit("a", task.next_subtask("a"), 60)
+        for completion in backend.wait(1):
+            verifier.settle(completion, 0.1)
+    planned = task.store.checks("planned")
+    first = [c for c in planned if c["subtask_id"] == "s000001"]
+    assert first, "the provider's first subtask is always checked"
+    climbed = {n for c in first for n, _ in c["units"]} & {r.number for r in task.store.trials()
+                                                          if r.subtask_id != "s000001"}
+    assert climbed, "no checked trial was promoted and evaluated again"
+    task.store.close()
+    again = HyperparameterSearchTask.load(tmp_path / "out")
+    resumed = Verifier(again, InlineReferee(again.problem, again.resources_dir))
+    assert {c.id for c in resumed._checks.values()} == {c["id"] for c in planned}
+    for check in resumed._checks.values():
+        if check.subtask_id == "s000001":
+            assert all(spec.resource == 2 for spec in check.specs.values())  # rung 0, as the claim was computed

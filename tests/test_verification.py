@@ -336,7 +336,7 @@ def test_an_older_state_is_refused_with_one_line(tmp_path: Path) -> None:
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     from mltask.runner import resume_task
 
-    with pytest.raises(TaskError, match="schema version 1, this mltask reads version 2; finish the task") as err:
+    with pytest.raises(TaskError, match="schema version 1, this mltask reads version 3; finish the task") as err:
         resume_task(tmp_path / "out", quiet=True)
     assert "\n" not in str(err.value)
 
