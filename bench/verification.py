@@ -13,7 +13,9 @@
 multi-fidelity version of it (ASHA over training rows, ``options.fidelity``), with two more
 adversaries that lie only below the maximum resource, to steer which configurations are
 trained further: ``promote_bad`` inflates its bad low-rung scores, ``prune_good`` lowers its
-good ones (``tests.dishonest.RungLiar``).
+good ones (``tests.dishonest.RungLiar``). Under ASHA which configurations climb depends on the
+order answers arrive in, and a ban re-queues work, so there a best other than the honest
+run's is not necessarily the adversary's doing.
 
     python bench/verification.py [--quick] [--runs N]
 """
