@@ -24,11 +24,11 @@ for a plan. Checks run later, beside the loop, and never block handing out or co
   score in the top tenth, or with probability ``min(1, 5 / other providers)``: then the
   requestor re-runs it too (the checker may collude; see :meth:`Verifier._suspect_confirmation`).
 - the **requestor as referee** (:mod:`mltask.referee`, a bounded process pool the loop
-  polls): on any disagreement (who is wrong?), for those promising confirmed failures,
-  and for the best trial, re-run in full before it is reported (the task is finished only
-  when every search trial is settled, every planned check has resolved and the best has
-  passed). Nothing else routine runs on the requestor, so its share of the work does not
-  grow with the number of providers.
+  polls): on any disagreement (who is wrong?), for failures an accomplice may have
+  confirmed, and for the best trial, re-run in full before it is reported (the task is
+  finished only when every search trial is settled, every planned check has resolved and
+  the best has passed). Nothing else routine runs on the requestor: its work is per lie
+  caught and per run, not per trial, so it does not grow with the network's throughput.
 - before the referee blames anyone it re-runs a second time: if its own two runs differ,
   the training is not deterministic given its seed and no provider can be judged; the task
   stops with a :class:`~mltask.errors.TaskError` saying so, and nobody is banned.
@@ -86,7 +86,7 @@ CROSS_KINDS = ("spot", "failure")  # checks sent to other providers; "best" is t
 EXCHANGEABLE = ("random", "qmc", "grid")  # samplers whose proposals do not depend on who reports what
 _CROSS_ATTEMPTS = 2  # check subtasks lost to faults before the requestor runs the check
 # A confirmed failure is re-run by the requestor with probability min(1, this / other providers): at
-# most that many of the others could be the claimer's accomplice for it to matter (see _promising)
+# most that many of the others could be the claimer's accomplice (see Verifier._suspect_confirmation)
 _CONFIRMED_REFEREE = 5.0
 
 # Scores a scorer can produce; a claim outside is a lie without re-running anything.
