@@ -184,6 +184,11 @@ def report(figures: list[Any], seconds: float) -> list[str]:
     eligible = sum(row[1] for row in by_kind.values())
     caught = sum(row[2] for row in by_kind.values())
     missed = [f"{k} {row[2]}/{row[1]}" for k, row in sorted(by_kind.items()) if row[2] < row[1]]
+    left: dict[str, int] = {}  # whose results they are
+    for fig in figures:
+        for who, n in fig.left_by.items():
+            left[who] = left.get(who, 0) + n
+    by = f" (by {', '.join(f'{who} {n}' for who, n in sorted(left.items()))})" if left else ""
     runs = len(figures)
     busy = sum(f.provider_busy for f in figures) / runs
     cores = sum(f.requestor_cores for f in figures) / runs
@@ -191,7 +196,7 @@ def report(figures: list[Any], seconds: float) -> list[str]:
     changed = sum(f.outcome_changed for f in figures) / runs
     return [
         f"  {runs} run(s) in {seconds:.0f} s; missed (caught/faked 10+): {', '.join(missed) or 'none'}; runs with "
-        f"faked results left: {sum(f.faked_left > 0 for f in figures)}; trials lost to retries: "
+        f"faked results left: {sum(f.faked_left > 0 for f in figures)}{by}; trials lost to retries: "
         f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h, "
         f"{sum(f.makespan * f.providers / f.useful for f in figures) / runs:.1f}x the search's compute per provider; "
         f"requestor compute: {_requestor(figures)}",

@@ -8,7 +8,9 @@ A *unit* is one (trial, fold) evaluation; ``fold = None`` means every fold of th
 For each accepted subtask the policy plans:
 
 - **claimed failures** (``kind="failure"``): every trial the provider says failed is re-run
-  by the requestor: hiding a good configuration as a crash is the cheapest sabotage, and
+  in full, by another provider like a sample (the requestor referees a disagreement, and
+  re-runs a confirmed failure only where :meth:`CheckPolicy.promising` finds good
+  neighbours): hiding a good configuration as a crash is the cheapest sabotage, and
   sampling would miss it.
 - **contenders**: a trial whose claimed score beats the best so far gets one random fold
   checked while its provider has passed fewer than ``CONTENDER_TRUST`` (2) checks. After
@@ -52,6 +54,7 @@ from __future__ import annotations
 import bisect
 import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,9 +240,23 @@ class CheckPolicy:
         q = better / len(self._sorted)
         return 1.0 + TOP_WEIGHT * max(0.0, 1.0 - q / TOP_FRACTION)
 
+    def promising(self, params: dict[str, Any], providers: Collection[str]) -> bool:
+        """Whether the nearest trials of providers other than ``providers`` put ``params`` in the top fraction.
+
+        Asked of a claimed failure that a checker confirmed: a configuration among good
+        neighbours is worth the requestor's own re-run (the checker may collude), one among
+        mediocre ones is not (failures cluster where training diverges). Unknown (too few
+        neighbours yet) counts as promising.
+        """
+        around = self._population.neighbours(self._embed(params), {self._id(p) for p in providers}, NEIGHBOURS)
+        if not self._sorted or around == -math.inf:
+            return True
+        better = len(self._sorted) - bisect.bisect_right(self._sorted, around)
+        return better / len(self._sorted) < TOP_FRACTION
+
     def _neighbours(self, provider: str, point: np.ndarray) -> float:
         """Mean signed score of the nearest trials reported by other providers (-inf if too few)."""
-        return self._population.neighbours(point, self._id(provider), NEIGHBOURS)
+        return self._population.neighbours(point, {self._id(provider)}, NEIGHBOURS)
 
     def _id(self, provider: str) -> int:
         return self._ids.setdefault(provider, len(self._ids))
@@ -300,8 +317,8 @@ class _Population:
     def scores(self) -> list[float]:
         return self._scores[: self._n].tolist()
 
-    def neighbours(self, point: np.ndarray, exclude: int, k: int) -> float:
-        others = self._owners[: self._n] != exclude
+    def neighbours(self, point: np.ndarray, exclude: set[int], k: int) -> float:
+        others = ~np.isin(self._owners[: self._n], list(exclude))
         if others.sum() < k:
             return -math.inf
         distance = np.where(others, ((self._points[: self._n] - point) ** 2).sum(axis=1), np.inf)

@@ -439,6 +439,7 @@ class Figures:
     faked: dict[str, int]  # adversary -> trials it faked
     banned: set[str]  # adversaries banned
     faked_left: int  # trials whose final result is not what an honest evaluation gives
+    left_by: dict[str, int]  # the same by the provider whose result it is, and whether it was banned
     lost: int  # trials given up on (failed after every attempt) though they evaluate fine
     outcome_changed: bool  # the reported best is not the honest best of the same configurations
     false_bans: int  # honest providers banned
@@ -472,6 +473,8 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
     truth = {r.number: backend.truth.get(trial_key(r.params, r.seed)) or evaluator.evaluate(
         TrialSpec(number=r.number, params=r.params, seed=r.seed)) for r in rows}
     faked_left = lost = 0
+    left_by: dict[str, int] = {}
+    bans = set(task.store.bans())
     for row in rows:
         honest = truth[row.number]
         if row.result is None:
@@ -481,13 +484,14 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
         elif (row.result.get("status"), row.result.get("fold_scores"), row.result.get("fold_fingerprints")) != (
                 honest.status, honest.fold_scores, honest.fold_fingerprints):
             faked_left += 1
+            who = f"{row.provider}{' (banned)' if row.provider in bans else ''}"
+            left_by[who] = left_by.get(who, 0) + 1
     sign = 1.0 if task.direction == "maximize" else -1.0
     honest_best = max((sign * t.mean_score for t in truth.values() if t.status == "ok"), default=None)
     best = task.best_trial()
     reported = None if best is None else truth[best.number]
     changed = (reported is None or reported.status != "ok" or sign * reported.mean_score != honest_best
                or best.value != reported.mean_score)
-    bans = set(task.store.bans())
     honest_providers = {p for p, b in backend.behaviours.items() if b is None}
     ledger = backend.ledger
     return Figures(
@@ -495,6 +499,7 @@ def measure(task: Any, backend: SimBackend, adversaries: set[str]) -> Figures:
         provider_busy=ledger.busy / max(ledger.busy + ledger.waiting, 1e-12),
         requestor_cores=ledger.requestor / max(makespan, 1e-12), overhead=(ledger.requestor + checks) / useful,
         faked={p: ledger.faked[p] for p in adversaries}, banned=bans & adversaries, faked_left=faked_left,
+        left_by=left_by,
         lost=lost, outcome_changed=changed, false_bans=len(bans & honest_providers), makespan=makespan,
         useful=useful, requestor_records=requestor_records(task, folds),
     )

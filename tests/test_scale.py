@@ -45,9 +45,8 @@ def test_figures_are_measured(runs: list) -> None:
         "outcome_changed", "false_bans"]
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP in v2's accounting: the requestor's re-runs for checks cancelled "
-                   "by a ban are spent (and charged to the budget) but never stored, so compute_seconds() misses them")
 def test_the_store_accounts_for_every_requestor_rerun(runs: list) -> None:
+    """Regression: re-runs for checks a ban cancelled were spent (and charged to the budget) but never stored."""
     for fig in runs:
         assert sum(fig.requestor_records.values()) == pytest.approx(fig.requestor_cores * fig.makespan, rel=1e-9)
 

@@ -3,8 +3,8 @@
 What sampling catches only with some probability is measured in ``bench/verification.py``;
 these tests assert what the verifier guarantees: a cheat that fakes every result is caught
 on its first subtask (always checked), a faked best never wins, every claimed failure is
-re-run by the requestor, the reported best is re-run in full, honest providers are never
-banned, and nothing a banned provider reported survives.
+re-run in full elsewhere (the requestor referees), the reported best is re-run in full,
+honest providers are never banned, and nothing a banned provider reported survives.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tests.dishonest import (
     Colluders,
     InlineBackend,
     InlineReferee,
+    claim_failed,
     fake_best,
     hide_best,
     inflate,
@@ -76,11 +77,11 @@ def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | 
     bans = set(task.store.bans())
     assert bans <= cheaters, bans
     verdicts = task.store.verdicts()
-    reruns = {json.loads(v["checked"])[0][0] for v in verdicts if v["kind"] == "failure" and v["by"] == "requestor"}
+    reruns = {json.loads(v["checked"])[0][0] for v in verdicts if v["kind"] == "failure"}
     for row in task.store.trials():
         assert row.provider not in bans  # nothing a banned provider reported survives
         if row.state == "failed" and row.result and "gave up" not in (row.result.get("error") or ""):
-            assert row.number in reruns or row.verified == "full", row.number  # every claimed failure re-run
+            assert row.number in reruns or row.verified == "full", row.number  # every claimed failure checked
     best = task.best_trial()
     assert best.verified == "full"
     if not outcome:
@@ -112,7 +113,7 @@ def test_adversaries_cannot_change_the_outcome(adversary: str, tmp_path: Path, h
     task, _, status = run_inline(_search(), tmp_path / "out", cheats)
     assert status == "finished"
     _assert_guarantees(task, {"cheat"}, honest, outcome=adversary not in SAMPLED_ONLY)
-    if adversary == "hide_best":  # a claimed failure is always re-run: the saboteur is always caught
+    if adversary == "hide_best":  # a claimed failure is always checked: the saboteur is always caught
         assert set(task.store.bans()) == {"cheat"}
 
 
@@ -155,13 +156,51 @@ def test_faked_best_never_wins(tmp_path: Path, honest: dict) -> None:
         assert best.verified == "full" and best.provider == "honest"
 
 
-def test_every_claimed_failure_is_rerun_by_the_requestor(tmp_path: Path, honest: dict) -> None:
-    task, backend, _ = run_inline(_search(), tmp_path / "out", {"honest": None, "cheat": hide_best})
+def _hide_best_unless_checking(doc: dict, subtask: Any, rng: Any) -> dict:
+    """hide_best in its own work, honest when sent folds to check: only its claimed failures can betray it."""
+    return doc if any(t.folds is not None for t in subtask.trials) else hide_best(doc, subtask, rng)
+
+
+def test_a_claimed_failure_is_rerun_elsewhere_and_refereed(tmp_path: Path, honest: dict) -> None:
+    task, backend, _ = run_inline(_search(), tmp_path / "out", {"honest": None, "cheat": _hide_best_unless_checking})
     assert backend.faked["cheat"]
     failures = [v for v in task.store.verdicts() if v["kind"] == "failure"]
-    assert failures and all(v["by"] == "requestor" for v in failures)
+    assert [v["by"] for v in failures] == ["requestor"]  # the checker disagreed; only the referee judges
     assert not failures[0]["ok"] and "failed in one run and ok in the other" in failures[0]["reason"]
+    [failure_check] = [c for c in task.store.checks() if c["kind"] == "failure" and c["state"] == "failed"]
+    checkers = {s["provider"] for s in task.store.subtasks("check")
+                if json.loads(s["trial_numbers"]) == [failure_check["units"][0][0]]}
+    assert checkers == {"honest"}  # the whole trial went to the other provider first
     assert set(task.store.bans()) == {"cheat"} and _scores(task) == honest
+
+
+def _confirm_failures(doc: dict, subtask: Any, rng: Any) -> dict:
+    """An accomplice: sent one whole trial (what a claimed failure's check looks like), it says it failed too."""
+    return claim_failed(doc, subtask, rng) if len(subtask.trials) == 1 and subtask.trials[0].folds is None else doc
+
+
+def test_a_failure_confirmed_by_an_accomplice_is_refereed_in_a_small_network(tmp_path: Path) -> None:
+    """With few providers a random checker is likely an accomplice: every confirmed failure is re-run."""
+    from mltask.definition import parse_definition
+    from mltask.task import HyperparameterSearchTask
+
+    task = HyperparameterSearchTask.create(parse_definition(_search()), tmp_path, tmp_path / "out")
+    backend = InlineBackend({"honest": None, "hider": hide_best, "accomplice": _confirm_failures})
+    backend.start(task.resources_dir, tmp_path / "scratch")
+    verifier = Verifier(task, InlineReferee(task.problem, task.resources_dir))
+    for provider in backend.cheats:
+        verifier.saw(provider)
+    backend.submit("hider", task.next_subtask("hider"), 60)
+    verifier.settle(*backend.wait(1), 1.0)
+    [check] = [c for c in verifier._checks.values() if c.kind == "failure"]
+    check.assignee = "accomplice"  # the draw the hider hopes for
+    backend.submit("accomplice", verifier.hand_checks(["accomplice"])["accomplice"], 60)
+    verifier.collect(*backend.wait(1), 1.0)
+    assert [(v["by"], v["ok"]) for v in task.store.verdicts() if v["kind"] == "failure"] == [("accomplice", 1)]
+    while check.id in verifier._checks:  # the referee re-runs it (twice, before blaming anyone)
+        verifier.poll()
+    assert set(task.store.bans()) == {"hider", "accomplice"}
+    assert task.store.trial(check.units[0][0]).state == "running"  # the hidden configuration is sent again
 
 
 def test_no_false_rejections_across_seeds(tmp_path: Path) -> None:
