@@ -167,21 +167,23 @@ class CheckPolicy:
         plans = []
         if self.protect_best:
             plans += [Plan("failure", [(t.number, None)]) for t in trials if t.status == "failed"]
-        units = self._sample(record, provider, ok, seconds_out, providers)
+        contenders = self._contenders(ok) if self.protect_best else set()
+        units = self._sample(record, provider, ok, seconds_out, providers, contenders)
         self._remember(provider, ok)
-        if units:
-            plans.append(Plan("spot", units))
+        # the requestor checks contenders itself: should one stay the best, its final re-run skips those folds
+        for kind, part in (("contender", [u for u in units if u[0] in contenders]),
+                           ("spot", [u for u in units if u[0] not in contenders])):
+            if part:
+                plans.append(Plan(kind, part))
         for plan in plans:
             self.committed += self.estimate(plan.units)
         return plans
 
     def _sample(self, record: _Provider, provider: str, ok: list[TrialResult], seconds_out: float,
-                providers: int) -> list[Unit]:
+                providers: int, contenders: set[int]) -> list[Unit]:
         if not ok:
             return []
         self._update_suspicion(record, provider)
-        best = self._sorted[-1] if self._sorted else -math.inf
-        contenders = [t.number for t in ok if self.sign * t.mean_score > best]
         weights = [self._weight(provider, t) for t in ok]
         risk, weight = record.risk(), sum(weights) / len(weights)
         self._mean_risk = _ema(self._mean_risk, risk)
@@ -198,6 +200,11 @@ class CheckPolicy:
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
         return units
+
+    def _contenders(self, ok: list[TrialResult]) -> set[int]:
+        """Trials whose claimed score beats every settled one (before ``ok`` is remembered)."""
+        best = self._sorted[-1] if self._sorted else -math.inf
+        return {t.number for t in ok if self.sign * t.mean_score > best}
 
     def _pace(self) -> float:
         # aim under the budget (estimates lag), keeping back the final re-run of the best (one trial)

@@ -46,6 +46,7 @@ tolerance is tight and honest results are never rejected.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 
 REQUESTOR = "requestor"
 EXCHANGEABLE = ("random", "qmc", "grid")  # samplers whose proposals do not depend on who reports what
+_SAMPLED = ("spot", "contender")  # kinds of check that sample a provider's work (and build its trust)
 _CROSS_ATTEMPTS = 2  # check subtasks lost to faults before the requestor runs the check
 
 # Scores a scorer can produce; a claim outside is a lie without re-running anything.
@@ -113,7 +115,7 @@ class Verdict:
     subtask_id: str
     provider: str
     ok: bool
-    kind: str  # "structure", "version", "spot", "failure" or "best"
+    kind: str  # "structure", "version", "spot", "contender", "failure" or "best"
     checked: list[Unit] = field(default_factory=list)
     reason: str | None = None
     seconds: float = 0.0
@@ -128,7 +130,7 @@ class _Check:
     id: int
     subtask_id: str
     provider: str
-    kind: str  # "spot", "failure" or "best"
+    kind: str  # "spot", "contender", "failure" or "best"
     units: list[Unit]
     specs: dict[int, TrialSpec]
     claims: dict[int, TrialResult]
@@ -356,8 +358,11 @@ class Verifier:
         """Checks planned before a stop are planned again; providers' trust is rebuilt."""
         store = self.task.store
         for verdict in store.verdicts():
-            if verdict["ok"] and verdict["kind"] == "spot":
+            if verdict["ok"] and verdict["kind"] in _SAMPLED:
                 self.policy.passed(verdict["provider"])
+            if verdict["ok"] and verdict["by"] == REQUESTOR:  # the best's re-run skips these folds again
+                for number, folds in _folds([tuple(u) for u in json.loads(verdict["checked"])], self.folds).items():
+                    self._rerun.setdefault((verdict["subtask_id"], number), set()).update(folds)
         for sub in store.subtasks("search"):
             if sub["state"] == "accepted":
                 self.policy.provider(sub["provider"]).accepted += 1
@@ -479,7 +484,7 @@ class Verifier:
         """The check agreed; a trial whose every fold the requestor has re-run is verified 'full'."""
         self.task.store.resolve_check(check.id, "passed")
         del self._checks[check.id]
-        if check.kind == "spot":
+        if check.kind in _SAMPLED:
             self.policy.passed(check.provider)
         for number, folds in _folds(check.units, self.folds).items():
             if not by_requestor:
