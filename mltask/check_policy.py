@@ -202,9 +202,13 @@ class CheckPolicy:
         return units
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
-        """Trials whose claimed score beats every settled one (before ``ok`` is remembered)."""
-        best = self._sorted[-1] if self._sorted else -math.inf
-        return {t.number for t in ok if self.sign * t.mean_score > best}
+        """The subtask's top trial if its claimed score beats every settled one (before ``ok`` is
+        remembered). Only it: the others cannot become the best unless it is a lie, and then its
+        provider is banned and all it reported reopened."""
+        if not ok:
+            return set()
+        top = max(ok, key=lambda t: self.sign * t.mean_score)
+        return {top.number} if not self._sorted or self.sign * top.mean_score > self._sorted[-1] else set()
 
     def _pace(self) -> float:
         # aim under the budget (estimates lag), keeping back the final re-run of the best (one trial)
