@@ -202,13 +202,14 @@ class CheckPolicy:
         return units
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
-        """The subtask's top trial if its claimed score beats every settled one (before ``ok`` is
-        remembered). Only it: the others cannot become the best unless it is a lie, and then its
-        provider is banned and all it reported reopened."""
-        if not ok:
+        """The subtask's top trials (all that tie for its top score) if they beat every settled one
+        (before ``ok`` is remembered). Only those: the others cannot become the best unless a top
+        one is a lie, and then its provider is banned and all it reported reopened. Ties all count:
+        a provider that trains one configuration and copies its scores onto others makes ties."""
+        top = max((self.sign * t.mean_score for t in ok), default=-math.inf)
+        if self._sorted and top <= self._sorted[-1]:
             return set()
-        top = max(ok, key=lambda t: self.sign * t.mean_score)
-        return {top.number} if not self._sorted or self.sign * top.mean_score > self._sorted[-1] else set()
+        return {t.number for t in ok if self.sign * t.mean_score == top}
 
     def _pace(self) -> float:
         # aim under the budget (estimates lag), keeping back the final re-run of the best (one trial)

@@ -28,3 +28,10 @@ def test_only_a_subtasks_top_trial_is_a_contender() -> None:
     plans = policy.plan("b", _trials([0.7, 0.95, 0.92], first=3), 1.0, 2)  # 0.92 beats 0.9 but not 0.95
     assert [(p.kind, [n for n, _ in p.units]) for p in plans] == [("contender", [4])]
     assert policy.plan("b", _trials([0.5, 0.6], first=6), 1.0, 2) == []  # beats nothing: no contender
+
+
+def test_trials_that_tie_for_a_subtasks_top_are_all_contenders() -> None:
+    """A provider that trains one configuration and copies its scores onto the others makes ties:
+    checking only one of them (the first) checked the honest one in 1 of 5 harness runs."""
+    plans = _policy().plan("a", _trials([0.9, 0.9, 0.9, 0.8]), 1.0, 2)
+    assert [(p.kind, sorted(n for n, _ in p.units)) for p in plans] == [("contender", [0, 1, 2])]
