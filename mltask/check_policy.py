@@ -72,7 +72,9 @@ TOP_WEIGHT = 8.0
 NEIGHBOURS = 5
 PACE_RANGE = (0.25, 2.0)
 PACE_TARGET = 0.9
-WARMUP_SHARE = 0.5
+WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
+WARMUP_CATCH = 0.99  # ...with this probability
+WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
 CONTENDER_TRUST = 1
 _EMA = 0.05
 
@@ -87,7 +89,7 @@ class Plan:
 
 @dataclass
 class _Provider:
-    accepted: int = 0  # subtasks accepted
+    checked: bool = False  # a sampled check was planned on it
     passed: int = 0  # checks passed
     scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
     suspect_at: int = -1  # len(scores) when last tested
@@ -102,13 +104,12 @@ class CheckPolicy:
     """Plans checks for accepted results within a compute budget; see the module docstring."""
 
     def __init__(self, *, budget: float, direction: str, space: SearchSpace, folds: int, exchangeable: bool,
-                 protect_best: bool, expected_subtasks: int, rng: Any = None) -> None:
+                 protect_best: bool, rng: Any = None) -> None:
         self.budget = budget
         self.sign = 1.0 if direction == "maximize" else -1.0
         self.folds = folds
         self.exchangeable = exchangeable
         self.protect_best = protect_best
-        self.expected_subtasks = expected_subtasks
         self.rng = rng or secrets.SystemRandom()
         self._embed = _Embedding(space)
         self._providers: dict[str, _Provider] = {}
@@ -157,10 +158,9 @@ class CheckPolicy:
 
     # -- planning -------------------------------------------------------------------------
 
-    def plan(self, provider: str, trials: list[TrialResult], seconds_out: float, providers: int) -> list[Plan]:
-        """The checks for one accepted subtask of ``provider`` (``providers``: how many there are)."""
+    def plan(self, provider: str, trials: list[TrialResult], seconds_out: float) -> list[Plan]:
+        """The checks for one accepted subtask of ``provider``."""
         record = self.provider(provider)
-        record.accepted += 1
         self.useful += seconds_out
         self.useful_units += len(trials) * self.folds
         ok = [t for t in trials if t.status == "ok" and t.mean_score is not None]
@@ -168,7 +168,7 @@ class CheckPolicy:
         if self.protect_best:
             plans += [Plan("failure", [(t.number, None)]) for t in trials if t.status == "failed"]
         contenders = self._contenders(ok) if self.protect_best else set()
-        units = self._sample(record, provider, ok, seconds_out, providers, contenders)
+        units = self._sample(record, provider, ok, seconds_out, contenders)
         self._remember(provider, ok)
         # the requestor checks contenders itself: should one stay the best, its final re-run skips those folds
         for kind, part in (("contender", [u for u in units if u[0] in contenders]),
@@ -180,7 +180,7 @@ class CheckPolicy:
         return plans
 
     def _sample(self, record: _Provider, provider: str, ok: list[TrialResult], seconds_out: float,
-                providers: int, contenders: set[int]) -> list[Unit]:
+                contenders: set[int]) -> list[Unit]:
         if not ok:
             return []
         self._update_suspicion(record, provider)
@@ -192,13 +192,14 @@ class CheckPolicy:
         if self.budget > 0 and self.unit_cost() > 0:
             m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
                  * self._pace())
-            if record.accepted == 1:  # a provider's first subtask
-                m = max(m, self._warmup_probability(len(ok), providers))
+            if record.passed == 0 and not record.checked:  # warming up: see WARMUP_RATE
+                m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
+        record.checked = record.checked or bool(units)
         return units
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
@@ -218,11 +219,6 @@ class CheckPolicy:
             return 1.0 if self.useful <= 0 else PACE_RANGE[0]
         low, high = PACE_RANGE
         return min(high, max(low, 1.0 + (allowed - self.spent - self.committed) / allowed))
-
-    def _warmup_probability(self, trials: int, providers: int) -> float:
-        """One check per new provider, if half the budget of its expected share affords it."""
-        per_provider_units = trials * self.folds * self.expected_subtasks / max(1, providers)
-        return min(1.0, WARMUP_SHARE * self.budget * per_provider_units)
 
     def _weighted_units(self, ok: list[TrialResult], weights: list[float], k: int) -> list[Unit]:
         """``k`` distinct units: trials drawn by weight (without replacement while any is left), folds at random."""

@@ -170,8 +170,7 @@ class Verifier:
         self.folds = problem_folds(task.problem)
         self.policy = CheckPolicy(
             budget=self.options.budget, direction=task.direction, space=opts.search_space, folds=self.folds,
-            exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best,
-            expected_subtasks=task.subtasks_count, rng=self.rng,
+            exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best, rng=self.rng,
         )
         self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)
         self._low, self._high = score_range(task.problem.scoring)
@@ -294,7 +293,7 @@ class Verifier:
             return
         task.accept(result, seconds_out=seconds_out)
         self._durations = ([*self._durations, seconds_out])[-50:]
-        for plan in self.policy.plan(provider, result.trials, seconds_out, len(self._providers)):
+        for plan in self.policy.plan(provider, result.trials, seconds_out):
             self._plan(subtask, result, provider, plan.kind, plan.units)
 
     def inspect(self, subtask_id: str, result: SubtaskResult, provider: str) -> Verdict:
@@ -363,9 +362,6 @@ class Verifier:
             if verdict["ok"] and verdict["by"] == REQUESTOR:  # the best's re-run skips these folds again
                 for number, folds in _folds([tuple(u) for u in json.loads(verdict["checked"])], self.folds).items():
                     self._rerun.setdefault((verdict["subtask_id"], number), set()).update(folds)
-        for sub in store.subtasks("search"):
-            if sub["state"] == "accepted":
-                self.policy.provider(sub["provider"]).accepted += 1
         rows = {r.number: r for r in store.trials()}
         for planned in store.checks("planned"):
             units = planned["units"]
@@ -373,6 +369,8 @@ class Verifier:
             if any(r.subtask_id != planned["subtask_id"] or r.result is None for r in live):
                 store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
                 continue
+            if planned["kind"] in _SAMPLED:  # its provider's warm-up check is planned
+                self.policy.provider(planned["provider"]).checked = True
             specs = {r.number: TrialSpec(number=r.number, params=r.params, seed=r.seed) for r in live}
             claims = {r.number: TrialResult.model_validate(r.result) for r in live}
             self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
