@@ -10,11 +10,17 @@ For each accepted subtask the policy plans:
 - **claimed failures** (``kind="failure"``): every trial the provider says failed is re-run
   by the requestor: hiding a good configuration as a crash is the cheapest sabotage, and
   sampling would miss it.
-- **contenders**: a trial whose claimed score beats the best so far gets one random fold
-  checked while its provider has passed fewer than ``CONTENDER_TRUST`` (2) checks. After
-  that the best's final full re-run guards it: a faked best fails it, and the ban reopens
-  everything its provider reported (on a 40-trial task each contender check costs 2.5% of
-  the search, and a random search has ~ln(trials) new bests).
+- **contenders** (``kind="contender"``): a subtask's top trial (with any that tie with it),
+  if its claimed score beats the best so far, gets one random fold checked while its
+  provider has passed fewer than ``CONTENDER_TRUST`` (1) checks; after that the best's final
+  full re-run guards it: a faked best fails it, and the ban reopens everything its provider
+  reported. The requestor runs contender checks itself, so when a contender stays the best
+  its final re-run skips the folds already re-run (with holdout CV, the contender check *is*
+  that re-run). Only the top: the other trials of the subtask cannot become the best unless
+  the top is a lie, which bans their provider. (Checking every trial that beat the best so
+  far checked every trial of a provider's first subtask, 4-5% of a 40-trial task per
+  provider; checking contenders until two passes, and on other providers, made the
+  templates' real runs cost 6-11%, bench/verification.py.)
 
   Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
   it off and ``budget`` 0, nothing is re-run at all.
@@ -37,11 +43,20 @@ For each accepted subtask the policy plans:
   its five nearest neighbours from other providers in the search space. Inflated fakes sit
   at the top by their claims, and a good configuration reported low sits among good
   neighbours, so both draw checks; the mean normalisers keep the budget.
-- **first subtask** of each provider: at least one unit, unless the budget cannot afford
-  one check per provider (thousands of providers each doing a few one-trial subtasks): then
-  with the probability the budget's half allows. Not paced: a provider that fakes every
-  result must meet a check at once (pacing it by a budget not yet earned early in a task let
-  such fakers through in 2 of 5 harness runs); its cost is charged, so later samples pay.
+- **warm-up**: until a provider's first sampled check is planned, each of its trials is
+  checked with probability ``WARMUP_RATE = 1 - 0.01 ** (1 / 10) = 0.369`` (a subtask of
+  ``t`` trials gets at least one unit with probability ``1 - 0.631 ** t``). A provider that
+  fakes every result fails any check, so it meets one before its 10th fake with probability
+  ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's shape or the budget.
+  The binomial also prices it: an honest provider with ``n`` trials costs
+  ``1 - 0.631 ** n`` units (0.99 from ``n = 10``): one unit per provider, the same as
+  checking every provider's first subtask, which is what a 99% catch costs (any rule
+  catching a full faker within 10 trials with probability ``c`` checks an honest provider
+  within 10 trials with probability ``c``). A fold with k-fold CV, a whole trial with
+  holdout: two providers on a 40-trial holdout task spend ~5% on warm-ups alone. Not paced
+  (pacing warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness
+  runs; scaling them by the budget's share left 61% of full fakers unchecked through 10
+  trials at 2,000 providers); its cost is charged, so later samples pay.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
