@@ -12,15 +12,16 @@ For each accepted subtask the policy plans:
   sampling would miss it.
 - **contenders** (``kind="contender"``): a subtask's top trial (with any that tie with it),
   if its claimed score beats the best so far, gets one random fold checked while its
-  provider has passed fewer than ``CONTENDER_TRUST`` (1) checks; after that the best's final
-  full re-run guards it: a faked best fails it, and the ban reopens everything its provider
-  reported. The requestor runs contender checks itself, so when a contender stays the best
-  its final re-run skips the folds already re-run (with holdout CV, the contender check *is*
-  that re-run). Only the top: the other trials of the subtask cannot become the best unless
-  the top is a lie, which bans their provider. (Checking every trial that beat the best so
-  far checked every trial of a provider's first subtask, 4-5% of a 40-trial task per
-  provider; checking contenders until two passes, and on other providers, made the
-  templates' real runs cost 6-11%, bench/verification.py.)
+  provider is warming up (no check of it passed or planned yet; that check is its warm-up);
+  after that the best's final full re-run guards it: a faked best fails it, and the ban
+  reopens everything its provider reported. The requestor runs contender checks itself, so
+  when a contender stays the best its final re-run skips the folds already re-run (with
+  holdout CV, the contender check *is* that re-run). Only the top: the other trials of the
+  subtask cannot become the best unless the top is a lie, which bans their provider.
+  (Checking every trial that beat the best so far checked every trial of a provider's first
+  subtask, 4-5% of a 40-trial task per provider; checking contenders until two checks had
+  passed, and on other providers, made the templates' real runs cost 6-11%,
+  bench/verification.py; until one had passed, checks still in flight let more through.)
 
   Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
   it off and ``budget`` 0, nothing is re-run at all.
@@ -90,13 +91,12 @@ PACE_TARGET = 0.9
 WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
 WARMUP_CATCH = 0.99  # ...with this probability
 WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
-CONTENDER_TRUST = 1
 _EMA = 0.05
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Units to check in one subtask's result, and why: 'spot' (sampled) or 'failure'."""
+    """Units to check in one subtask's result, and why: 'spot' (sampled), 'contender' or 'failure'."""
 
     kind: str
     units: list[Unit]
@@ -109,6 +109,10 @@ class _Provider:
     scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
     suspect_at: int = -1  # len(scores) when last tested
     suspect: bool = False
+
+    def warming_up(self) -> bool:
+        """Whether no check of it has passed or been planned yet: see ``WARMUP_RATE``."""
+        return self.passed == 0 and not self.checked
 
     def risk(self) -> float:
         base = max(RISK_FLOOR, RISK_HALF / (RISK_HALF + self.passed))
@@ -207,12 +211,12 @@ class CheckPolicy:
         if self.budget > 0 and self.unit_cost() > 0:
             m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
                  * self._pace())
-            if record.passed == 0 and not record.checked:  # warming up: see WARMUP_RATE
+            if record.warming_up():
                 m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
-        if self.protect_best and record.passed < CONTENDER_TRUST:
+        if self.protect_best and record.warming_up():
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
         record.checked = record.checked or bool(units)
         return units

@@ -49,3 +49,13 @@ def test_a_provider_faking_everything_meets_a_check_before_its_tenth_fake() -> N
         checked = any(policy.plan(f"p{p}", _trials([0.5], first=1 + 10 * p + i), 1.0) for i in range(WARMUP_FAKES))
         unchecked += not checked
     assert unchecked / providers < 2 * (1 - WARMUP_CATCH)  # 0.98% expected; 2% is 4.7 standard errors away
+
+
+def test_a_provider_whose_first_check_is_in_flight_gets_no_more_contender_checks() -> None:
+    """Regression: contenders were checked until a check of their provider had *passed*, so
+    while its first one was still out (waiting for a busy checker) each new best was checked
+    too: 4 whole trials of 40 on a holdout task instead of 2 (bench/verification.py (b))."""
+    policy = _policy(folds=1)
+    assert [p.kind for p in policy.plan("a", _trials([0.8]), 1.0)] == ["contender"]
+    assert policy.plan("a", _trials([0.9], first=1), 1.0) == []  # the first is unresolved: the best's re-run guards
+    assert [p.kind for p in policy.plan("b", _trials([0.95], first=2), 1.0)] == ["contender"]  # b's warm-up
