@@ -12,11 +12,18 @@ For each accepted subtask the policy plans:
   re-runs a confirmed failure only where :meth:`CheckPolicy.promising` finds good
   neighbours): hiding a good configuration as a crash is the cheapest sabotage, and
   sampling would miss it.
-- **contenders**: a trial whose claimed score beats the best so far gets one random fold
-  checked while its provider has passed fewer than ``CONTENDER_TRUST`` (2) checks. After
-  that the best's final full re-run guards it: a faked best fails it, and the ban reopens
-  everything its provider reported (on a 40-trial task each contender check costs 2.5% of
-  the search, and a random search has ~ln(trials) new bests).
+- **contenders** (``kind="contender"``): a subtask's top trial (with any that tie with it),
+  if its claimed score beats the best so far, gets one random fold checked while its
+  provider is warming up (no check of it passed or planned yet; that check is its warm-up);
+  after that the best's final full re-run guards it: a faked best fails it, and the ban
+  reopens everything its provider reported. The requestor runs contender checks itself, so
+  when a contender stays the best its final re-run skips the folds already re-run (with
+  holdout CV, the contender check *is* that re-run). Only the top: the other trials of the
+  subtask cannot become the best unless the top is a lie, which bans their provider.
+  (Checking every trial that beat the best so far checked every trial of a provider's first
+  subtask, 4-5% of a 40-trial task per provider; checking contenders until two checks had
+  passed, and on other providers, made the templates' real runs cost 6-11%,
+  bench/verification.py; until one had passed, checks still in flight let more through.)
 
   Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
   it off and ``budget`` 0, nothing is re-run at all.
@@ -39,11 +46,20 @@ For each accepted subtask the policy plans:
   its five nearest neighbours from other providers in the search space. Inflated fakes sit
   at the top by their claims, and a good configuration reported low sits among good
   neighbours, so both draw checks; the mean normalisers keep the budget.
-- **first subtask** of each provider: at least one unit, unless the budget cannot afford
-  one check per provider (thousands of providers each doing a few one-trial subtasks): then
-  with the probability the budget's half allows. Not paced: a provider that fakes every
-  result must meet a check at once (pacing it by a budget not yet earned early in a task let
-  such fakers through in 2 of 5 harness runs); its cost is charged, so later samples pay.
+- **warm-up**: until a provider's first sampled check is planned, each of its trials is
+  checked with probability ``WARMUP_RATE = 1 - 0.01 ** (1 / 10) = 0.369`` (a subtask of
+  ``t`` trials gets at least one unit with probability ``1 - 0.631 ** t``). A provider that
+  fakes every result fails any check, so it meets one before its 10th fake with probability
+  ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's shape or the budget.
+  The binomial also prices it: an honest provider with ``n`` trials costs
+  ``1 - 0.631 ** n`` units (0.99 from ``n = 10``): one unit per provider, the same as
+  checking every provider's first subtask, which is what a 99% catch costs (any rule
+  catching a full faker within 10 trials with probability ``c`` checks an honest provider
+  within 10 trials with probability ``c``). A fold with k-fold CV, a whole trial with
+  holdout: two providers on a 40-trial holdout task spend ~5% on warm-ups alone. Not paced
+  (pacing warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness
+  runs; scaling them by the budget's share left 61% of full fakers unchecked through 10
+  trials at 2,000 providers); its cost is charged, so later samples pay.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -75,14 +91,15 @@ TOP_WEIGHT = 8.0
 NEIGHBOURS = 5
 PACE_RANGE = (0.25, 2.0)
 PACE_TARGET = 0.9
-WARMUP_SHARE = 0.5
-CONTENDER_TRUST = 2
+WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
+WARMUP_CATCH = 0.99  # ...with this probability
+WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
 _EMA = 0.05
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Units to check in one subtask's result, and why: 'spot' (sampled) or 'failure'."""
+    """Units to check in one subtask's result, and why: 'spot' (sampled), 'contender' or 'failure'."""
 
     kind: str
     units: list[Unit]
@@ -90,11 +107,15 @@ class Plan:
 
 @dataclass
 class _Provider:
-    accepted: int = 0  # subtasks accepted
+    checked: bool = False  # a sampled check was planned on it
     passed: int = 0  # checks passed
     scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
     suspect_at: int = -1  # len(scores) when last tested
     suspect: bool = False
+
+    def warming_up(self) -> bool:
+        """Whether no check of it has passed or been planned yet: see ``WARMUP_RATE``."""
+        return self.passed == 0 and not self.checked
 
     def risk(self) -> float:
         base = max(RISK_FLOOR, RISK_HALF / (RISK_HALF + self.passed))
@@ -105,13 +126,12 @@ class CheckPolicy:
     """Plans checks for accepted results within a compute budget; see the module docstring."""
 
     def __init__(self, *, budget: float, direction: str, space: SearchSpace, folds: int, exchangeable: bool,
-                 protect_best: bool, expected_subtasks: int, rng: Any = None) -> None:
+                 protect_best: bool, rng: Any = None) -> None:
         self.budget = budget
         self.sign = 1.0 if direction == "maximize" else -1.0
         self.folds = folds
         self.exchangeable = exchangeable
         self.protect_best = protect_best
-        self.expected_subtasks = expected_subtasks
         self.rng = rng or secrets.SystemRandom()
         self._embed = _Embedding(space)
         self._providers: dict[str, _Provider] = {}
@@ -160,31 +180,32 @@ class CheckPolicy:
 
     # -- planning -------------------------------------------------------------------------
 
-    def plan(self, provider: str, trials: list[TrialResult], seconds_out: float, providers: int) -> list[Plan]:
-        """The checks for one accepted subtask of ``provider`` (``providers``: how many there are)."""
+    def plan(self, provider: str, trials: list[TrialResult], seconds_out: float) -> list[Plan]:
+        """The checks for one accepted subtask of ``provider``."""
         record = self.provider(provider)
-        record.accepted += 1
         self.useful += seconds_out
         self.useful_units += len(trials) * self.folds
         ok = [t for t in trials if t.status == "ok" and t.mean_score is not None]
         plans = []
         if self.protect_best:
             plans += [Plan("failure", [(t.number, None)]) for t in trials if t.status == "failed"]
-        units = self._sample(record, provider, ok, seconds_out, providers)
+        contenders = self._contenders(ok) if self.protect_best else set()
+        units = self._sample(record, provider, ok, seconds_out, contenders)
         self._remember(provider, ok)
-        if units:
-            plans.append(Plan("spot", units))
+        # the requestor checks contenders itself: should one stay the best, its final re-run skips those folds
+        for kind, part in (("contender", [u for u in units if u[0] in contenders]),
+                           ("spot", [u for u in units if u[0] not in contenders])):
+            if part:
+                plans.append(Plan(kind, part))
         for plan in plans:
             self.committed += self.estimate(plan.units)
         return plans
 
     def _sample(self, record: _Provider, provider: str, ok: list[TrialResult], seconds_out: float,
-                providers: int) -> list[Unit]:
+                contenders: set[int]) -> list[Unit]:
         if not ok:
             return []
         self._update_suspicion(record, provider)
-        best = self._sorted[-1] if self._sorted else -math.inf
-        contenders = [t.number for t in ok if self.sign * t.mean_score > best]
         weights = [self._weight(provider, t) for t in ok]
         risk, weight = record.risk(), sum(weights) / len(weights)
         self._mean_risk = _ema(self._mean_risk, risk)
@@ -193,14 +214,25 @@ class CheckPolicy:
         if self.budget > 0 and self.unit_cost() > 0:
             m = (self.budget * seconds_out / self.unit_cost() * risk / self._mean_risk * weight / self._mean_weight
                  * self._pace())
-            if record.accepted == 1:  # a provider's first subtask
-                m = max(m, self._warmup_probability(len(ok), providers))
+            if record.warming_up():
+                m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
-        if self.protect_best and record.passed < CONTENDER_TRUST:
+        if self.protect_best and record.warming_up():
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
+        record.checked = record.checked or bool(units)
         return units
+
+    def _contenders(self, ok: list[TrialResult]) -> set[int]:
+        """The subtask's top trials (all that tie for its top score) if they beat every settled one
+        (before ``ok`` is remembered). Only those: the others cannot become the best unless a top
+        one is a lie, and then its provider is banned and all it reported reopened. Ties all count:
+        a provider that trains one configuration and copies its scores onto others makes ties."""
+        top = max((self.sign * t.mean_score for t in ok), default=-math.inf)
+        if self._sorted and top <= self._sorted[-1]:
+            return set()
+        return {t.number for t in ok if self.sign * t.mean_score == top}
 
     def _pace(self) -> float:
         # aim under the budget (estimates lag), keeping back the final re-run of the best (one trial)
@@ -209,11 +241,6 @@ class CheckPolicy:
             return 1.0 if self.useful <= 0 else PACE_RANGE[0]
         low, high = PACE_RANGE
         return min(high, max(low, 1.0 + (allowed - self.spent - self.committed) / allowed))
-
-    def _warmup_probability(self, trials: int, providers: int) -> float:
-        """One check per new provider, if half the budget of its expected share affords it."""
-        per_provider_units = trials * self.folds * self.expected_subtasks / max(1, providers)
-        return min(1.0, WARMUP_SHARE * self.budget * per_provider_units)
 
     def _weighted_units(self, ok: list[TrialResult], weights: list[float], k: int) -> list[Unit]:
         """``k`` distinct units: trials drawn by weight (without replacement while any is left), folds at random."""

@@ -53,6 +53,7 @@ tolerance is tight and honest results are never rejected.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
 REQUESTOR = "requestor"
 CROSS_KINDS = ("spot", "failure")  # checks sent to other providers; "best" is the requestor's own
 EXCHANGEABLE = ("random", "qmc", "grid")  # samplers whose proposals do not depend on who reports what
+_SAMPLED = ("spot", "contender")  # kinds of check that sample a provider's work (and build its trust)
 _CROSS_ATTEMPTS = 2  # check subtasks lost to faults before the requestor runs the check
 # A confirmed failure is re-run by the requestor with probability min(1, this / other providers): at
 # most that many of the others could be the claimer's accomplice (see Verifier._suspect_confirmation)
@@ -124,7 +126,7 @@ class Verdict:
     subtask_id: str
     provider: str
     ok: bool
-    kind: str  # "structure", "version", "spot", "failure", "best" or "cancelled" (re-runs a ban made moot)
+    kind: str  # "structure", "version", "spot", "contender", "failure", "best" or "cancelled" (re-runs a ban made moot)
     checked: list[Unit] = field(default_factory=list)
     reason: str | None = None
     seconds: float = 0.0
@@ -139,7 +141,7 @@ class _Check:
     id: int
     subtask_id: str
     provider: str
-    kind: str  # "spot", "failure" or "best"
+    kind: str  # "spot", "contender", "failure" or "best"
     units: list[Unit]
     specs: dict[int, TrialSpec]
     claims: dict[int, TrialResult]
@@ -179,8 +181,7 @@ class Verifier:
         self.folds = problem_folds(task.problem)
         self.policy = CheckPolicy(
             budget=self.options.budget, direction=task.direction, space=opts.search_space, folds=self.folds,
-            exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best,
-            expected_subtasks=task.subtasks_count, rng=self.rng,
+            exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best, rng=self.rng,
         )
         self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)
         self._low, self._high = score_range(task.problem.scoring)
@@ -305,7 +306,7 @@ class Verifier:
             return
         task.accept(result, seconds_out=seconds_out)
         self._durations = ([*self._durations, seconds_out])[-50:]
-        for plan in self.policy.plan(provider, result.trials, seconds_out, len(self._providers)):
+        for plan in self.policy.plan(provider, result.trials, seconds_out):
             self._plan(subtask, result, provider, plan.kind, plan.units)
 
     def inspect(self, subtask_id: str, result: SubtaskResult, provider: str) -> Verdict:
@@ -369,17 +370,19 @@ class Verifier:
         """Checks planned before a stop are planned again; providers' trust is rebuilt."""
         store = self.task.store
         for verdict in store.verdicts():
-            if verdict["ok"] and verdict["kind"] == "spot":
+            if verdict["ok"] and verdict["kind"] in _SAMPLED:
                 self.policy.passed(verdict["provider"])
-        for sub in store.subtasks("search"):
-            if sub["state"] == "accepted":
-                self.policy.provider(sub["provider"]).accepted += 1
+            if verdict["ok"] and verdict["by"] == REQUESTOR:  # the best's re-run skips these folds again
+                for number, folds in _folds([tuple(u) for u in json.loads(verdict["checked"])], self.folds).items():
+                    self._rerun.setdefault((verdict["subtask_id"], number), set()).update(folds)
         for planned in store.checks("planned"):
             units = planned["units"]
             claimed = self.task.claims({n for n, _ in units}, planned["subtask_id"])
             if claimed is None:
                 store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
                 continue
+            if planned["kind"] in _SAMPLED:  # its provider's warm-up check is planned
+                self.policy.provider(planned["provider"]).checked = True
             specs, claims = claimed
             self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
                       planned["id"])
@@ -511,7 +514,7 @@ class Verifier:
         """The check agreed; a trial whose every fold the requestor has re-run is verified 'full'."""
         self.task.store.resolve_check(check.id, "passed")
         del self._checks[check.id]
-        if check.kind == "spot":
+        if check.kind in _SAMPLED:
             self.policy.passed(check.provider)
         for number, folds in _folds(check.units, self.folds).items():
             if not by_requestor:

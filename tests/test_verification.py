@@ -234,19 +234,48 @@ def test_a_single_provider_is_checked_by_the_requestor(tmp_path: Path) -> None:
     assert not task.store.subtasks("check")
 
 
-def test_the_best_re_run_skips_folds_the_requestor_already_re_ran(tmp_path: Path) -> None:
-    """Regression: the best's full re-run repeated the fold its contender check had re-run and agreed."""
-    task, _, _ = run_inline(_search(), tmp_path / "out", {"solo": None})
+def _best_reruns(task: Any) -> dict[int, int]:
+    """How often the requestor re-ran each fold of the best trial (and agreed)."""
     best = task.best_trial()
     assert best.verified == "full"
     runs: dict[int, int] = {}
     for v in task.store.verdicts():
-        if v["ok"] and v["subtask_id"] == best.subtask_id:
+        if v["ok"] and v["by"] == "requestor" and v["subtask_id"] == best.subtask_id:
             for number, fold in json.loads(v["checked"]):
                 if number == best.number:
                     for f in range(5) if fold is None else [fold]:
                         runs[f] = runs.get(f, 0) + 1
-    assert runs == dict.fromkeys(range(5), 1)  # every fold re-run by the requestor, none twice
+    return runs
+
+
+def test_the_best_re_run_skips_folds_the_requestor_already_re_ran(tmp_path: Path) -> None:
+    """Regression: the best's full re-run repeated the fold its contender check had re-run and agreed."""
+    task, _, _ = run_inline(_search(), tmp_path / "out", {"solo": None})
+    assert _best_reruns(task) == dict.fromkeys(range(5), 1)  # every fold re-run by the requestor, none twice
+
+
+def test_the_best_re_run_skips_folds_re_ran_before_a_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: after a resume the best's re-run forgot the folds the requestor had re-run before the stop."""
+    from mltask.definition import parse_definition
+    from mltask.task import HyperparameterSearchTask
+
+    def stop(self: Verifier) -> bool:
+        raise KeyboardInterrupt  # the requestor stops just before the best's final re-run
+
+    task = HyperparameterSearchTask.create(parse_definition(_search()), tmp_path, tmp_path / "out")
+    backend = InlineBackend({"solo": None})
+    backend.start(task.resources_dir, tmp_path / "scratch")
+    with monkeypatch.context() as patch:
+        patch.setattr(Verifier, "best_verified", stop)
+        with pytest.raises(KeyboardInterrupt):
+            drive(task, backend, timeout=600, verifier=Verifier(task, InlineReferee(task.problem, task.resources_dir)))
+    task.store.close()
+    again = HyperparameterSearchTask.load(tmp_path / "out")
+    best = again.best_trial()  # every search trial is settled: this one is the best
+    assert any(v["by"] == "requestor" and v["subtask_id"] == best.subtask_id for v in again.store.verdicts())
+    assert drive(again, backend, timeout=600,
+                 verifier=Verifier(again, InlineReferee(again.problem, again.resources_dir))) == "finished"
+    assert _best_reruns(again) == dict.fromkeys(range(5), 1)
 
 
 def test_checks_are_drawn_from_the_os_not_the_task_seed(tmp_path: Path) -> None:
