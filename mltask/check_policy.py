@@ -14,8 +14,9 @@ For each accepted subtask the policy plans:
   sampling would miss it.
 - **contenders** (``kind="contender"``): a subtask's top trial (with any that tie with it),
   if its claimed score beats the best so far, gets one random fold checked while its
-  provider is warming up (no check of it passed or planned yet; that check is its warm-up);
-  after that the best's final full re-run guards it: a faked best fails it, and the ban
+  provider has passed no check yet (a check still out does not count: the dishonest-provider
+  harness's replaying verifier changed the reported best in 2 of 55 runs when it did, 0 of 35
+  before); after that the best's final full re-run guards it: a faked best fails it, and the ban
   reopens everything its provider reported. The requestor runs contender checks itself, so
   when a contender stays the best its final re-run skips the folds already re-run (with
   holdout CV, the contender check *is* that re-run). Only the top: the other trials of the
@@ -23,7 +24,7 @@ For each accepted subtask the policy plans:
   (Checking every trial that beat the best so far checked every trial of a provider's first
   subtask, 4-5% of a 40-trial task per provider; checking contenders until two checks had
   passed, and on other providers, made the templates' real runs cost 6-11%,
-  bench/verification.py; until one had passed, checks still in flight let more through.)
+  bench/verification.py.)
 
   Both protect the reported best, so both follow ``verify_best`` (``protect_best``): with
   it off and ``budget`` 0, nothing is re-run at all.
@@ -94,6 +95,7 @@ PACE_TARGET = 0.9
 WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
 WARMUP_CATCH = 0.99  # ...with this probability
 WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
+CONTENDER_TRUST = 1  # contenders are checked until their provider has passed this many checks
 _EMA = 0.05
 
 
@@ -219,7 +221,7 @@ class CheckPolicy:
         k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
-        if self.protect_best and record.warming_up():
+        if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
         record.checked = record.checked or bool(units)
         return units
