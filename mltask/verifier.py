@@ -215,7 +215,8 @@ class Verifier:
         for check in self._checks.values():
             if not free:
                 break
-            if check.out is not None or check.awaiting or check.kind != "spot":
+            # a check lost twice is the requestor's (re-picking let a checker that never answers stall the task)
+            if check.out is not None or check.awaiting or check.kind != "spot" or check.attempts >= _CROSS_ATTEMPTS:
                 continue
             if check.assignee is None or self.task.is_banned(check.assignee):
                 check.assignee = self._pick_checker(check)
@@ -243,10 +244,12 @@ class Verifier:
         for check in list(self._checks.values()):
             if check.awaiting or check.out is not None:
                 continue
-            if check.kind == "spot" and check.assignee is None:
+            lost = check.attempts >= _CROSS_ATTEMPTS
+            if check.kind == "spot" and check.assignee is None and not lost:
                 check.assignee = self._pick_checker(check)
             waited = now - check.planned_at
-            if check.kind != "spot" or waited > 3 * patience or (check.assignee is None and waited > patience):
+            if (check.kind != "spot" or lost or waited > 3 * patience
+                    or (check.assignee is None and waited > patience)):
                 self._to_referee(check)
         for (check_id, number), result, seconds in self.referee.poll(timeout):
             check = self._checks.get(check_id)
@@ -305,11 +308,23 @@ class Verifier:
                               "rebuild the provider image with `mltask image build`")
             return verdict
         for trial in result.trials:
-            if trial.status == "ok" and not all(self._low <= s <= self._high for s in trial.fold_scores):
-                verdict.ok, verdict.kind = False, "structure"
-                verdict.reason = f"trial {trial.number}: a fold score lies outside [{self._low}, {self._high}]"
-                return verdict
+            for what, (low, high), scores in self._ranged(trial):
+                if not all(low <= s <= high for s in scores):
+                    verdict.ok, verdict.kind = False, "structure"
+                    verdict.reason = f"trial {trial.number}: a fold {what}score lies outside [{low}, {high}]"
+                    return verdict
         return verdict
+
+    def _ranged(self, trial: TrialResult) -> Iterator[tuple[str, tuple[float, float], list[float]]]:
+        """Each list of scores an ok trial reports with its scorer's range: every metric's, not only the
+        searched one's (an f1 of 7.0 stayed in the results unless a sampled check landed on it)."""
+        if trial.status != "ok":
+            return
+        problem = self.task.problem
+        yield "", (self._low, self._high), trial.fold_scores
+        for label, lists in (("{} ", trial.metric_scores), ("train {} ", trial.train_scores)):
+            for name, scores in lists.items():
+                yield label.format(name), score_range(problem.metrics.get(name, problem.scoring)), scores
 
     # -- the best trial -------------------------------------------------------------------
 
