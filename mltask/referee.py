@@ -11,11 +11,19 @@ The workers are forked by the same kind of server as the local backend's
 would run the user's ``__main__`` again in each of them (a script that calls ``run_task``
 without a ``__main__`` guard) or import from the working directory. A worker that dies (OOM,
 a stray kill) is replaced and its re-run sent again, so a re-run is never lost.
+
+Each re-run has a deadline, the task's ``subtask_timeout``, as a provider's subtask has: past
+it the worker is killed and replaced, as the local backend does with a timed-out worker,
+and the trial comes back failed ("timed out on the requestor"). Without it, a provider that
+said a configuration slower than any subtask could take had failed held the requestor (and
+the task's end) for as long as that configuration ran; with it, the re-run agrees with the
+claimed failure, and nobody is banned for the limit the task itself set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing.connection
 import time
 from collections.abc import Hashable
@@ -86,13 +94,15 @@ class _Worker:
     pid: int
     conn: Connection
     job: tuple[Hashable, TrialSpec] | None = None
+    deadline: float = math.inf  # when the job's re-run is given up
 
 
 class RefereePool:
     """:class:`Referee` on forked worker processes, started on first use."""
 
-    def __init__(self, problem: Problem, resources_dir: Path, workers: int = 1) -> None:
+    def __init__(self, problem: Problem, resources_dir: Path, workers: int = 1, timeout: float = math.inf) -> None:
         self._problem = problem
+        self._timeout = timeout
         self._arguments = {"problem": dumps(problem), "resources": str(resources_dir)}
         self._size = workers
         self._server: ForkServer | None = None
@@ -117,6 +127,7 @@ class RefereePool:
             if worker.job is None and self._queue:
                 key = next(iter(self._queue))
                 worker.job = (key, self._queue.pop(key))
+                worker.deadline = time.monotonic() + self._timeout
                 try:
                     worker.conn.send_bytes(dumps(worker.job[1]).encode())
                 except OSError:  # it died just now: poll() sees it and sends the job again
@@ -125,13 +136,20 @@ class RefereePool:
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
         busy = [w for w in self._workers if w.job is not None]
         if timeout > 0 and busy:
-            multiprocessing.connection.wait([w.conn for w in busy], timeout)
+            limit = min([timeout] + [w.deadline - time.monotonic() for w in busy])
+            multiprocessing.connection.wait([w.conn for w in busy], max(0.0, limit))
         done = []
         for worker in busy:
-            if not worker.conn.poll():
-                continue
             assert worker.job is not None
             key, trial = worker.job
+            if not worker.conn.poll():
+                if time.monotonic() >= worker.deadline:
+                    worker.job = None
+                    self._replace(worker)
+                    done.append((key, TrialResult(
+                        number=trial.number, params=trial.params, seed=trial.seed, status="failed",
+                        error=f"TimeoutError: timed out on the requestor after {self._timeout:g} s"), self._timeout))
+                continue
             worker.job = None
             try:
                 answer = json.loads(worker.conn.recv_bytes())

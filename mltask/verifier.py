@@ -171,7 +171,8 @@ class Verifier:
             exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best,
             expected_subtasks=task.subtasks_count, rng=self.rng,
         )
-        self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)
+        self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers,
+                                              float(task.definition.subtask_timeout_seconds))
         self._low, self._high = score_range(task.problem.scoring)
         self._checks: dict[int, _Check] = {}
         self._out: dict[str, _Check] = {}  # check subtask id -> check
