@@ -183,6 +183,7 @@ class Verifier:
         # (subtask, trial) -> folds the requestor re-ran and found as claimed: the best's full
         # re-run skips them (cross checks do not count: the checker may collude)
         self._rerun: dict[tuple[str, int], set[int]] = {}
+        self._dodged: dict[str, int] = {}  # check subtasks each provider failed to answer, in a row
         self._resume()
 
     # -- the scheduler's interface --------------------------------------------------------
@@ -419,6 +420,7 @@ class Verifier:
         try:
             answer = read_answer(completion, completion.subtask)
         except MissingResult as exc:
+            self._dodge(checker, str(exc))
             return self._retry(check, subtask_id, f"{checker}: {exc}", seconds_out)
         except ResultError as exc:
             verdict = Verdict(subtask_id, checker, ok=False, kind="structure", reason=str(exc), by=checker)
@@ -431,6 +433,7 @@ class Verifier:
             check.assignee, check.planned_at = None, self.clock()
             return None
         self.task.settle_check(subtask_id, "checked", None, seconds_out)
+        self._dodged.pop(checker, None)
         check.answer, check.checker, check.answered_in = {t.number: t for t in answer.trials}, checker, subtask_id
         if self._disagreement(check, check.answer) is None:
             self._record(check, ok=True, by=checker, seconds=seconds_out)
@@ -438,6 +441,18 @@ class Verifier:
         else:  # who is wrong? The requestor decides; the verdicts say what it found
             self._to_referee(check)
         return None
+
+    def _dodge(self, checker: str, reason: str) -> None:
+        """Count a check subtask ``checker`` did not answer; drop it after ``max_provider_failures`` in a row.
+
+        A fault, not a lie: a drop, its own work kept. Not counted like a search subtask's fault
+        (only once others have done its trials): a check re-runs trials a provider has just run
+        within the subtask timeout, so an honest machine answers it. Not counting them made
+        dodging free: a provider that answered no check was sent every check it could get.
+        """
+        dodged = self._dodged[checker] = self._dodged.get(checker, 0) + 1
+        if dodged >= self.task.max_provider_failures and not self.task.is_banned(checker):
+            self.task.drop(checker, f"answered none of {dodged} checks in a row, last: {reason}")
 
     def _retry(self, check: _Check, subtask_id: str, reason: str, seconds_out: float) -> None:
         """The checker failed to answer (a fault): another provider, or after a few, the requestor."""
