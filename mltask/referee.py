@@ -26,7 +26,7 @@ import json
 import math
 import multiprocessing.connection
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -64,6 +64,9 @@ class Referee(Protocol):
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
         """Re-runs that finished (waiting at most ``timeout`` s for one): key, result, seconds."""
+
+    def cancel(self, keys: Iterable[Hashable]) -> None:
+        """Forget the re-runs under ``keys`` that have not started; those running still come back."""
 
     def pending(self) -> int:
         """Re-runs submitted and not yet returned by :meth:`poll`."""
@@ -108,14 +111,21 @@ class RefereePool:
         self._server: ForkServer | None = None
         self._workers: list[_Worker] = []
         self._queue: dict[Hashable, TrialSpec] = {}  # submitted, waiting for a free worker
+        self._started: set[Hashable] = set()  # keys run before
 
     def _fork(self) -> _Worker:
         assert self._server is not None
         return _Worker(*self._server.fork("mltask.referee:serve_reruns", **self._arguments))
 
     def submit(self, key: Hashable, trial: TrialSpec) -> None:
-        self._queue[key] = trial
+        """Queue a re-run; a key run before goes first: the verifier re-runs to confirm its own run before
+        it bans, and a ban cancels the banned provider's other re-runs, so the sooner the better."""
+        self._queue = {key: trial, **self._queue} if key in self._started else {**self._queue, key: trial}
         self._dispatch()
+
+    def cancel(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self._queue.pop(key, None)
 
     def _dispatch(self) -> None:
         if self._queue and self._server is None:
@@ -127,6 +137,7 @@ class RefereePool:
             if worker.job is None and self._queue:
                 key = next(iter(self._queue))
                 worker.job = (key, self._queue.pop(key))
+                self._started.add(key)
                 worker.deadline = time.monotonic() + self._timeout
                 try:
                     worker.conn.send_bytes(dumps(worker.job[1]).encode())
@@ -134,6 +145,9 @@ class RefereePool:
                     pass
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
+        """Answers that came back; a worker freed here starts its next re-run only at the next :meth:`submit`
+        or poll, once the caller has read these (a confirming re-run goes first, a ban cancels re-runs)."""
+        self._dispatch()
         busy = [w for w in self._workers if w.job is not None]
         if timeout > 0 and busy:
             limit = min([timeout] + [w.deadline - time.monotonic() for w in busy])
@@ -162,7 +176,6 @@ class RefereePool:
             if "error" in answer:
                 raise RuntimeError(f"the requestor's re-run of trial {trial.number} failed: {answer['error']}")
             done.append((key, TrialResult.model_validate_json(answer["result"]), answer["seconds"]))
-        self._dispatch()
         return done
 
     def _replace(self, worker: _Worker) -> None:

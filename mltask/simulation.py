@@ -398,6 +398,12 @@ class SimReferee:
             out.append((key, result, seconds))
         return out
 
+    def cancel(self, keys: Any) -> None:
+        """Drop the answers under ``keys`` (evaluated at submit: their virtual compute stays charged)."""
+        dropped = set(keys)
+        self._done = [entry for entry in self._done if entry[2] not in dropped]
+        heapq.heapify(self._done)
+
     def pending(self) -> int:
         return len(self._done)
 

@@ -542,6 +542,7 @@ class Verifier:
         for check_id, check in list(self._checks.items()):
             if check.provider == provider:
                 self.policy.charge(0.0, check.estimate, 0)
+                self.referee.cancel([(check_id, number) for number in check.awaiting])  # a proved liar costs no more
                 del self._checks[check_id]
             elif check.assignee == provider:
                 check.assignee = self._pick_checker(check)

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -594,6 +594,10 @@ class InlineReferee:
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
         done, self._done = self._done, []
         return done
+
+    def cancel(self, keys: Iterable[Hashable]) -> None:
+        dropped = set(keys)
+        self._done = [entry for entry in self._done if entry[0] not in dropped]
 
     def pending(self) -> int:
         return len(self._done)
