@@ -259,12 +259,16 @@ def canonical(result: SubtaskResult) -> SubtaskResult:
     rounding, and no re-run compares them: taken as sent, a mean nudged by 5e-10 won every tie
     and was reported as the verified best, and any fingerprint went into results.json.
     """
-    trials = [t.model_copy(update=(
-        {"mean_score": float(np.mean(t.fold_scores)), "std_score": float(np.std(t.fold_scores)),
-         "fingerprint": combined_fingerprint(t.fold_fingerprints)} if t.status == "ok" else
+    return result.model_copy(update={"trials": [canonical_trial(t) for t in result.trials]})
+
+
+def canonical_trial(trial: TrialResult) -> TrialResult:
+    """One trial as :func:`canonical` makes it."""
+    return trial.model_copy(update=(
+        {"mean_score": float(np.mean(trial.fold_scores)), "std_score": float(np.std(trial.fold_scores)),
+         "fingerprint": combined_fingerprint(trial.fold_fingerprints)} if trial.status == "ok" else
         {key: TrialResult.model_fields[key].default for key in TrialResult.model_fields
-         if key not in ("number", "params", "seed", "status", "error")})) for t in result.trials]
-    return result.model_copy(update={"trials": trials})
+         if key not in ("number", "params", "seed", "status", "error")}))
 
 
 def combined_fingerprint(fold_fingerprints: list[str]) -> str:
