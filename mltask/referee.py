@@ -10,7 +10,8 @@ The workers are forked by the same kind of server as the local backend's
 (:mod:`mltask.backends.forkserver`), not by :mod:`multiprocessing`, whose start methods
 would run the user's ``__main__`` again in each of them (a script that calls ``run_task``
 without a ``__main__`` guard) or import from the working directory. A worker that dies (OOM,
-a stray kill) is replaced and its re-run sent again, so a re-run is never lost.
+a stray kill) is replaced and its re-run sent again, so a stray kill loses no re-run; a trial
+that kills its worker twice comes back failed (it kills its process, as on the providers).
 
 Each re-run has a deadline, the task's ``subtask_timeout``, as a provider's subtask has: past
 it the worker is killed and replaced, as the local backend does with a timed-out worker,
@@ -54,6 +55,10 @@ def rerun(problem_json: str, resources_dir: str, trial_json: str) -> tuple[str, 
         started = time.perf_counter()
         result = evaluator.evaluate(trial, trial.folds)
         return result.model_dump_json(), time.perf_counter() - started
+
+
+def _failed(trial: TrialSpec, error: str) -> TrialResult:
+    return TrialResult(number=trial.number, params=trial.params, seed=trial.seed, status="failed", error=error)
 
 
 class Referee(Protocol):
@@ -112,6 +117,7 @@ class RefereePool:
         self._workers: list[_Worker] = []
         self._queue: dict[Hashable, TrialSpec] = {}  # submitted, waiting for a free worker
         self._started: set[Hashable] = set()  # keys run before
+        self._died: set[Hashable] = set()  # keys whose worker died once
 
     def _fork(self) -> _Worker:
         assert self._server is not None
@@ -160,16 +166,22 @@ class RefereePool:
                 if time.monotonic() >= worker.deadline:
                     worker.job = None
                     self._replace(worker)
-                    done.append((key, TrialResult(
-                        number=trial.number, params=trial.params, seed=trial.seed, status="failed",
-                        error=f"TimeoutError: timed out on the requestor after {self._timeout:g} s"), self._timeout))
+                    done.append((key, _failed(trial, f"TimeoutError: timed out on the requestor after "
+                                                     f"{self._timeout:g} s"), self._timeout))
                 continue
             worker.job = None
             try:
                 answer = json.loads(worker.conn.recv_bytes())
-            except (EOFError, OSError):  # the worker died: a fresh one, and the re-run again
+            except (EOFError, OSError):  # the worker died: a fresh one, and the re-run again, once
+                assert self._server is not None
+                code = self._server.exit_code(worker.pid, timeout=5)
                 self._replace(worker)
-                self._queue[key] = trial
+                if key not in self._died:
+                    self._died.add(key)
+                    self._queue[key] = trial
+                else:  # the trial kills its process (os._exit, a segfault), as it did on the providers
+                    done.append((key, _failed(trial, f"the requestor's worker died twice running it (exit code "
+                                                 f"{code})"), 0.0))
                 continue
             if "task_error" in answer:
                 raise TaskError(*answer["task_error"])

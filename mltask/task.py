@@ -308,6 +308,14 @@ class HyperparameterSearchTask:
         entry = self._pending.pop(result.subtask_id, None)
         if entry is None:
             return False
+        self._record(result, verified, seconds_out)
+        self._faults[entry.provider] = 0
+        self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
+                              {t.number for t in result.trials})
+        self._update_running()
+        return True
+
+    def _record(self, result: SubtaskResult, verified: dict[int, str] | None, seconds_out: float | None) -> None:
         rows = [
             (t.number, "complete" if t.status == "ok" else "failed", t.mean_score, t.model_dump(mode="json"))
             for t in result.trials
@@ -318,11 +326,26 @@ class HyperparameterSearchTask:
         )
         for t in result.trials:
             self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
-        self._faults[entry.provider] = 0
-        self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
-                              {t.number for t in result.trials})
+
+    def gives_up(self, subtask_id: str) -> bool:
+        """Whether a fault on ``subtask_id`` now would record its trials as failed for good."""
+        entry = self._pending.get(subtask_id)
+        return entry is not None and entry.attempt >= self.max_attempts
+
+    def rescue(self, result: SubtaskResult, reason: str) -> None:
+        """Accept the requestor's own run of a subtask that providers failed ``max_attempts`` times.
+
+        Some of its trials ran on the requestor, so each provider that failed them failed work
+        that runs: a fault against every one of them. Without this, colluders as many as
+        ``max_attempts`` hid the best configuration by never answering it ("gave up"), at no cost.
+        """
+        entry = self._pending.pop(result.subtask_id)
+        numbers = {t.number for t in result.trials}
+        self._settle_suspects(entry.provider, set(), numbers)  # their faults are counted below, each once
+        self._record(result, {t.number: "full" for t in result.trials if t.status == "ok"}, None)
+        for provider in sorted(entry.avoid | {entry.provider}):
+            self._fault(provider, reason)
         self._update_running()
-        return True
 
     def reject(self, subtask_id: str, reason: str, *, fault: bool = False) -> None:
         """Drop a subtask's answer and send its trials again, to another provider if possible.
@@ -385,9 +408,13 @@ class HyperparameterSearchTask:
             if suspect.numbers:
                 continue
             del self._suspects[subtask_id]
-            faults = self._faults[suspect.provider] = self._faults.get(suspect.provider, 0) + 1
-            if faults >= self.max_provider_failures and not self.is_banned(suspect.provider):
-                self.drop(suspect.provider, f"{faults} failures in a row, last: {suspect.reason}")
+            self._fault(suspect.provider, suspect.reason)
+
+    def _fault(self, provider: str, reason: str) -> None:
+        """Count a fault of ``provider``; ``max_provider_failures`` in a row drop it."""
+        faults = self._faults[provider] = self._faults.get(provider, 0) + 1
+        if faults >= self.max_provider_failures and not self.is_banned(provider):
+            self.drop(provider, f"{faults} failures in a row, last: {reason}")
 
     def discard(self, subtask_ids: list[str]) -> None:
         """Forget subtasks without requeuing (abort); their trials stay unfinished."""

@@ -156,6 +156,16 @@ class _Check:
         return [self.specs[n].model_copy(update={"folds": None if f is None else sorted(f)}) for n, f in folds.items()]
 
 
+@dataclass
+class _Rescue:
+    """The requestor's run of a subtask's trials before they are given up after faults."""
+
+    reason: str
+    awaiting: set[int]
+    results: dict[int, TrialResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
 class Verifier:
     """Decides what to check, has it checked elsewhere, compares, and bans liars."""
 
@@ -184,6 +194,7 @@ class Verifier:
         # (subtask, trial) -> folds the requestor re-ran and found as claimed: the best's full
         # re-run skips them (cross checks do not count: the checker may collude)
         self._rerun: dict[tuple[str, int], set[int]] = {}
+        self._rescues: dict[str, _Rescue] = {}  # subtask id -> the requestor's run before giving it up
         self._dodged: dict[str, int] = {}  # check subtasks each provider failed to answer, in a row
         self._resume()
 
@@ -255,6 +266,10 @@ class Verifier:
                     or (check.assignee is None and waited > patience)):
                 self._to_referee(check)
         for (check_id, number), result, seconds in self.referee.poll(timeout):
+            if isinstance(check_id, str):  # a subtask about to be given up: see _rescue
+                self.policy.charge(seconds, 0.0, 0)
+                self._rescued(check_id, number, result, seconds)
+                continue
             check = self._checks.get(check_id)
             if check is None:  # cancelled meanwhile: the compute was still spent
                 self.policy.charge(seconds, 0.0, 0)
@@ -284,7 +299,10 @@ class Verifier:
             result = read_answer(completion, subtask)
         except MissingResult as exc:
             task.store.set_seconds_out(subtask_id, seconds_out)
-            task.reject(subtask_id, f"{provider}: {exc}", fault=True)
+            if task.gives_up(subtask_id):
+                self._rescue(subtask, f"{provider}: {exc}")
+            else:
+                task.reject(subtask_id, f"{provider}: {exc}", fault=True)
             return
         except ResultError as exc:  # an honest provider always writes our schema
             verdict = Verdict(subtask_id, provider, ok=False, kind="structure", reason=str(exc))
@@ -345,6 +363,33 @@ class Verifier:
         return False
 
     # -- internals ------------------------------------------------------------------------
+
+    def _rescue(self, subtask: SubtaskDefinition, reason: str) -> None:
+        """Before trials are given up after faults, the requestor runs them (within subtask_timeout).
+
+        Providers as many as ``max_attempts``, colluding, could otherwise hide the best
+        configuration by never answering a subtask holding it: a fault is no evidence of a lie,
+        and "gave up" was re-run by no one.
+        """
+        self._rescues[subtask.subtask_id] = _Rescue(reason, {t.number for t in subtask.trials})
+        for trial in subtask.trials:
+            self.referee.submit((subtask.subtask_id, trial.number), trial)
+
+    def _rescued(self, subtask_id: str, number: int, result: TrialResult, seconds: float) -> None:
+        rescue = self._rescues[subtask_id]
+        rescue.awaiting.discard(number)
+        rescue.results[number], rescue.seconds = result, rescue.seconds + seconds
+        if rescue.awaiting:
+            return
+        del self._rescues[subtask_id]
+        subtask = self.task.pending(subtask_id)
+        assert subtask is not None
+        if not any(r.status == "ok" for r in rescue.results.values()):  # it fails here too: the configuration's
+            self.task.reject(subtask_id, rescue.reason, fault=True)
+            return
+        trials = [canonical_trial(rescue.results[t.number]) for t in subtask.trials]
+        self.task.rescue(SubtaskResult(task_id=subtask.task_id, subtask_id=subtask_id, environment=environment(),
+                                       trials=trials, compute_time=rescue.seconds), rescue.reason)
 
     def _plan(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str, kind: str,
               units: list[Unit]) -> _Check:
