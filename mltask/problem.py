@@ -31,7 +31,7 @@ from mltask.definition import N_SAMPLES, STRATIFIED_KINDS, CVSpec, EstimatorSpec
 from mltask.errors import TaskError
 from mltask.estimators import EstimatorObject, build_object, class_paths
 from mltask.param_values import estimator_params
-from mltask.protocol import Problem, TrialResult, TrialSpec
+from mltask.protocol import Problem, TrialResult, TrialSpec, combined_fingerprint
 
 Splits = list[tuple[np.ndarray, np.ndarray]]
 # Methods a scorer may call for its predictions; their outputs make the fingerprint.
@@ -320,11 +320,6 @@ class TrialEvaluator:
     @staticmethod
     def _named(scores: Any) -> dict[str, float]:
         return {k: float(v) for k, v in scores.items()} if isinstance(scores, dict) else {"score": float(scores)}
-
-
-def combined_fingerprint(fold_fingerprints: list[str]) -> str:
-    """The trial's fingerprint: a hash of its folds' fingerprints, in fold order."""
-    return hashlib.sha256("".join(fold_fingerprints).encode()).hexdigest()
 
 
 def _score_recording(scorer: Any, model: Any, X: Any, y: np.ndarray, digest: Any) -> Any:

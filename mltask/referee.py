@@ -10,15 +10,24 @@ The workers are forked by the same kind of server as the local backend's
 (:mod:`mltask.backends.forkserver`), not by :mod:`multiprocessing`, whose start methods
 would run the user's ``__main__`` again in each of them (a script that calls ``run_task``
 without a ``__main__`` guard) or import from the working directory. A worker that dies (OOM,
-a stray kill) is replaced and its re-run sent again, so a re-run is never lost.
+a stray kill) is replaced and its re-run sent again, so a stray kill loses no re-run; a trial
+that kills its worker twice comes back failed (it kills its process, as on the providers).
+
+Each re-run has a deadline, the task's ``subtask_timeout``, as a provider's subtask has: past
+it the worker is killed and replaced, as the local backend does with a timed-out worker,
+and the trial comes back failed ("timed out on the requestor"). Without it, a provider that
+said a configuration slower than any subtask could take had failed held the requestor (and
+the task's end) for as long as that configuration ran; with it, the re-run agrees with the
+claimed failure, and nobody is banned for the limit the task itself set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing.connection
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -48,6 +57,10 @@ def rerun(problem_json: str, resources_dir: str, trial_json: str) -> tuple[str, 
         return result.model_dump_json(), time.perf_counter() - started
 
 
+def _failed(trial: TrialSpec, error: str) -> TrialResult:
+    return TrialResult(number=trial.number, params=trial.params, seed=trial.seed, status="failed", error=error)
+
+
 class Referee(Protocol):
     """Where the requestor's re-runs happen; the scheduler only submits and polls."""
 
@@ -56,6 +69,10 @@ class Referee(Protocol):
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
         """Re-runs that finished (waiting at most ``timeout`` s for one): key, result, seconds."""
+
+    def cancel(self, keys: Iterable[Hashable]) -> set[Hashable]:
+        """Forget the re-runs under ``keys`` that have not started, and say which: those cost
+        nothing and never come back; the others (running or done) still come back from :meth:`poll`."""
 
     def pending(self) -> int:
         """Re-runs submitted and not yet returned by :meth:`poll`."""
@@ -86,26 +103,35 @@ class _Worker:
     pid: int
     conn: Connection
     job: tuple[Hashable, TrialSpec] | None = None
+    deadline: float = math.inf  # when the job's re-run is given up
 
 
 class RefereePool:
     """:class:`Referee` on forked worker processes, started on first use."""
 
-    def __init__(self, problem: Problem, resources_dir: Path, workers: int = 1) -> None:
+    def __init__(self, problem: Problem, resources_dir: Path, workers: int = 1, timeout: float = math.inf) -> None:
         self._problem = problem
+        self._timeout = timeout
         self._arguments = {"problem": dumps(problem), "resources": str(resources_dir)}
         self._size = workers
         self._server: ForkServer | None = None
         self._workers: list[_Worker] = []
         self._queue: dict[Hashable, TrialSpec] = {}  # submitted, waiting for a free worker
+        self._started: set[Hashable] = set()  # keys run before
+        self._died: set[Hashable] = set()  # keys whose worker died once
 
     def _fork(self) -> _Worker:
         assert self._server is not None
         return _Worker(*self._server.fork("mltask.referee:serve_reruns", **self._arguments))
 
     def submit(self, key: Hashable, trial: TrialSpec) -> None:
-        self._queue[key] = trial
+        """Queue a re-run; a key run before goes first: the verifier re-runs to confirm its own run before
+        it bans, and a ban cancels the banned provider's other re-runs, so the sooner the better."""
+        self._queue = {key: trial, **self._queue} if key in self._started else {**self._queue, key: trial}
         self._dispatch()
+
+    def cancel(self, keys: Iterable[Hashable]) -> set[Hashable]:
+        return {key for key in keys if self._queue.pop(key, None) is not None}
 
     def _dispatch(self) -> None:
         if self._queue and self._server is None:
@@ -117,34 +143,51 @@ class RefereePool:
             if worker.job is None and self._queue:
                 key = next(iter(self._queue))
                 worker.job = (key, self._queue.pop(key))
+                self._started.add(key)
+                worker.deadline = time.monotonic() + self._timeout
                 try:
                     worker.conn.send_bytes(dumps(worker.job[1]).encode())
                 except OSError:  # it died just now: poll() sees it and sends the job again
                     pass
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
+        """Answers that came back; a worker freed here starts its next re-run only at the next :meth:`submit`
+        or poll, once the caller has read these (a confirming re-run goes first, a ban cancels re-runs)."""
+        self._dispatch()
         busy = [w for w in self._workers if w.job is not None]
         if timeout > 0 and busy:
-            multiprocessing.connection.wait([w.conn for w in busy], timeout)
+            limit = min([timeout] + [w.deadline - time.monotonic() for w in busy])
+            multiprocessing.connection.wait([w.conn for w in busy], max(0.0, limit))
         done = []
         for worker in busy:
-            if not worker.conn.poll():
-                continue
             assert worker.job is not None
             key, trial = worker.job
+            if not worker.conn.poll():
+                if time.monotonic() >= worker.deadline:
+                    worker.job = None
+                    self._replace(worker)
+                    done.append((key, _failed(trial, f"TimeoutError: timed out on the requestor after "
+                                                     f"{self._timeout:g} s"), self._timeout))
+                continue
             worker.job = None
             try:
                 answer = json.loads(worker.conn.recv_bytes())
-            except (EOFError, OSError):  # the worker died: a fresh one, and the re-run again
+            except (EOFError, OSError):  # the worker died: a fresh one, and the re-run again, once
+                assert self._server is not None
+                code = self._server.exit_code(worker.pid, timeout=5)
                 self._replace(worker)
-                self._queue[key] = trial
+                if key not in self._died:
+                    self._died.add(key)
+                    self._queue[key] = trial
+                else:  # the trial kills its process (os._exit, a segfault), as it did on the providers
+                    done.append((key, _failed(trial, f"the requestor's worker died twice running it (exit code "
+                                                 f"{code})"), 0.0))
                 continue
             if "task_error" in answer:
                 raise TaskError(*answer["task_error"])
             if "error" in answer:
                 raise RuntimeError(f"the requestor's re-run of trial {trial.number} failed: {answer['error']}")
             done.append((key, TrialResult.model_validate_json(answer["result"]), answer["seconds"]))
-        self._dispatch()
         return done
 
     def _replace(self, worker: _Worker) -> None:

@@ -482,6 +482,13 @@ class Store:
                     (how, number, subtask_id, subtask_id, how),
                 )
 
+    def set_result(self, number: int, subtask_id: str, value: float, result: dict[str, Any]) -> bool:
+        """Replace a complete trial's value and result while it holds ``subtask_id``'s; whether it did."""
+        with self.transaction() as cur:
+            cur.execute("UPDATE trials SET value = ?, result = ? WHERE number = ? AND subtask_id = ?"
+                        " AND state = 'complete'", (value, json.dumps(result), number, subtask_id))
+            return cur.rowcount > 0
+
     def _trial_rows(self, where: str, args: tuple[Any, ...] = ()) -> list[TrialRow]:
         rows = self._conn.execute(
             "SELECT number, params, seed, system_attrs, state, value, result, subtask_id, provider, finished_at,"

@@ -375,24 +375,48 @@ class HyperparameterSearchTask:
         entry = self._pending.pop(result.subtask_id, None)
         if entry is None:
             return False
-        if self.schedule is not None:
-            self._accept_rungs(entry, result, verified, seconds_out)
-        else:
-            rows = [
-                (t.number, "complete" if t.status == "ok" else "failed", t.mean_score, t.model_dump(mode="json"))
-                for t in result.trials
-            ]
-            self.store.settle_subtask(
-                result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
-                environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out,
-            )
-            for t in result.trials:
-                self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
+        self._record(entry, result, verified, seconds_out)
         self._faults[entry.provider] = 0
         self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
                               {t.number for t in result.trials})
         self._update_running()
         return True
+
+    def _record(self, entry: _Pending, result: SubtaskResult, verified: dict[int, str] | None,
+                seconds_out: float | None) -> None:
+        if self.schedule is not None:
+            self._accept_rungs(entry, result, verified, seconds_out)
+            return
+        rows = [
+            (t.number, "complete" if t.status == "ok" else "failed", t.mean_score, t.model_dump(mode="json"))
+            for t in result.trials
+        ]
+        self.store.settle_subtask(
+            result.subtask_id, "accepted", trials=rows, compute_time=result.compute_time,
+            environment=result.environment.model_dump(), verified=verified, seconds_out=seconds_out,
+        )
+        for t in result.trials:
+            self._tell(t.number, t.mean_score if t.status == "ok" else None, t.params)
+
+    def gives_up(self, subtask_id: str) -> bool:
+        """Whether a fault on ``subtask_id`` now would record its trials as failed for good."""
+        entry = self._pending.get(subtask_id)
+        return entry is not None and entry.attempt >= self.max_attempts
+
+    def rescue(self, result: SubtaskResult, reason: str) -> None:
+        """Accept the requestor's own run of a subtask that providers failed ``max_attempts`` times.
+
+        Some of its trials ran on the requestor, so each provider that failed them failed work
+        that runs: a fault against every one of them. Without this, colluders as many as
+        ``max_attempts`` hid the best configuration by never answering it ("gave up"), at no cost.
+        """
+        entry = self._pending.pop(result.subtask_id)
+        numbers = {t.number for t in result.trials}
+        self._settle_suspects(entry.provider, set(), numbers)  # their faults are counted below, each once
+        self._record(entry, result, {t.number: "full" for t in result.trials if t.status == "ok"}, None)
+        for provider in sorted(entry.avoid | {entry.provider}):
+            self._fault(provider, reason)
+        self._update_running()
 
     def _accept_rungs(self, entry: _Pending, result: SubtaskResult, verified: dict[int, str] | None,
                       seconds_out: float | None) -> None:
@@ -493,9 +517,13 @@ class HyperparameterSearchTask:
             if suspect.numbers:
                 continue
             del self._suspects[subtask_id]
-            faults = self._faults[suspect.provider] = self._faults.get(suspect.provider, 0) + 1
-            if faults >= self.max_provider_failures and not self.is_banned(suspect.provider):
-                self.drop(suspect.provider, f"{faults} failures in a row, last: {suspect.reason}")
+            self._fault(suspect.provider, suspect.reason)
+
+    def _fault(self, provider: str, reason: str) -> None:
+        """Count a fault of ``provider``; ``max_provider_failures`` in a row drop it."""
+        faults = self._faults[provider] = self._faults.get(provider, 0) + 1
+        if faults >= self.max_provider_failures and not self.is_banned(provider):
+            self.drop(provider, f"{faults} failures in a row, last: {reason}")
 
     def discard(self, subtask_ids: list[str]) -> None:
         """Forget subtasks without requeuing (abort); their trials stay unfinished."""
@@ -547,6 +575,19 @@ class HyperparameterSearchTask:
         stronger one.
         """
         self.store.set_verified(number, how, subtask_id)
+
+    def revise(self, subtask_id: str, trial: TrialResult) -> None:
+        """Put the requestor's own figures for a trial in place of the ones ``subtask_id`` reported.
+
+        A claim passes a re-run when it agrees within the verification tolerance, not bit for
+        bit; keeping the claim let fold scores nudged by 5e-10 win ties and be reported as the
+        verified best with a value nobody computed. The study is rebuilt when the value changed.
+        """
+        row = self.store.trial(trial.number)
+        assert trial.mean_score is not None
+        if self.store.set_result(trial.number, subtask_id, trial.mean_score, trial.model_dump(mode="json")) and (
+                row.value != trial.mean_score):
+            self._rebuild_study(self.store.trials())
 
     def check_subtask(self, provider_id: str, trials: list[TrialSpec]) -> SubtaskDefinition:
         """A subtask that re-runs ``trials`` (usually some folds only) to check another provider.

@@ -71,6 +71,7 @@ from mltask.protocol import (
     SubtaskResult,
     TrialResult,
     TrialSpec,
+    canonical_trial,
     problem_folds,
     read_result,
 )
@@ -168,6 +169,16 @@ class _Check:
         return [self.specs[n].model_copy(update={"folds": None if f is None else sorted(f)}) for n, f in folds.items()]
 
 
+@dataclass
+class _Rescue:
+    """The requestor's run of a subtask's trials before they are given up after faults."""
+
+    reason: str
+    awaiting: set[int]
+    results: dict[int, TrialResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
 class Verifier:
     """Decides what to check, has it checked elsewhere, compares, and bans liars."""
 
@@ -183,7 +194,8 @@ class Verifier:
             budget=self.options.budget, direction=task.direction, space=opts.search_space, folds=self.folds,
             exchangeable=opts.algorithm in EXCHANGEABLE, protect_best=self.options.verify_best, rng=self.rng,
         )
-        self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers)
+        self.referee = referee or RefereePool(task.problem, task.resources_dir, self.options.referee_workers,
+                                              float(task.definition.subtask_timeout_seconds))
         self._low, self._high = score_range(task.problem.scoring)
         self._checks: dict[int, _Check] = {}
         self._cancelled: dict[int, _Check] = {}  # cancelled by a ban, with re-runs still out on the referee
@@ -195,6 +207,8 @@ class Verifier:
         # (subtask, trial) -> folds the requestor re-ran and found as claimed: the best's full
         # re-run skips them (cross checks do not count: the checker may collude)
         self._rerun: dict[tuple[str, int], set[int]] = {}
+        self._rescues: dict[str, _Rescue] = {}  # subtask id -> the requestor's run before giving it up
+        self._dodged: dict[str, int] = {}  # check subtasks each provider failed to answer, in a row
         self._resume()
 
     # -- the scheduler's interface --------------------------------------------------------
@@ -228,7 +242,9 @@ class Verifier:
         for check in self._checks.values():
             if not free:
                 break
-            if check.out is not None or check.awaiting or check.kind not in CROSS_KINDS:
+            # a check lost twice is the requestor's (re-picking let a checker that never answers stall the task)
+            if (check.out is not None or check.awaiting or check.kind not in CROSS_KINDS
+                    or check.attempts >= _CROSS_ATTEMPTS):
                 continue
             if check.assignee is None or self.task.is_banned(check.assignee):
                 check.assignee = self._pick_checker(check)
@@ -256,12 +272,18 @@ class Verifier:
         for check in list(self._checks.values()):
             if check.awaiting or check.out is not None:
                 continue
-            if check.kind in CROSS_KINDS and check.assignee is None:
+            lost = check.attempts >= _CROSS_ATTEMPTS
+            if check.kind in CROSS_KINDS and check.assignee is None and not lost:
                 check.assignee = self._pick_checker(check)
             waited = now - check.planned_at
-            if check.kind not in CROSS_KINDS or waited > 3 * patience or (check.assignee is None and waited > patience):
+            if (check.kind not in CROSS_KINDS or lost or waited > 3 * patience
+                    or (check.assignee is None and waited > patience)):
                 self._to_referee(check)
         for (check_id, number), result, seconds in self.referee.poll(timeout):
+            if isinstance(check_id, str):  # a subtask about to be given up: see _rescue
+                self.policy.charge(seconds, 0.0, 0)
+                self._rescued(check_id, number, result, seconds)
+                continue
             check = self._checks.get(check_id)
             if check is None:  # cancelled meanwhile: the compute was still spent, and is counted
                 self.policy.charge(seconds, 0.0, 0)
@@ -292,7 +314,10 @@ class Verifier:
             result = read_answer(completion, subtask)
         except MissingResult as exc:
             task.store.set_seconds_out(subtask_id, seconds_out)
-            task.reject(subtask_id, f"{provider}: {exc}", fault=True)
+            if task.gives_up(subtask_id):
+                self._rescue(subtask, f"{provider}: {exc}")
+            else:
+                task.reject(subtask_id, f"{provider}: {exc}", fault=True)
             return
         except ResultError as exc:  # an honest provider always writes our schema
             verdict = Verdict(subtask_id, provider, ok=False, kind="structure", reason=str(exc))
@@ -319,11 +344,23 @@ class Verifier:
                               "rebuild the provider image with `mltask image build`")
             return verdict
         for trial in result.trials:
-            if trial.status == "ok" and not all(self._low <= s <= self._high for s in trial.fold_scores):
-                verdict.ok, verdict.kind = False, "structure"
-                verdict.reason = f"trial {trial.number}: a fold score lies outside [{self._low}, {self._high}]"
-                return verdict
+            for what, (low, high), scores in self._ranged(trial):
+                if not all(low <= s <= high for s in scores):
+                    verdict.ok, verdict.kind = False, "structure"
+                    verdict.reason = f"trial {trial.number}: a fold {what}score lies outside [{low}, {high}]"
+                    return verdict
         return verdict
+
+    def _ranged(self, trial: TrialResult) -> Iterator[tuple[str, tuple[float, float], list[float]]]:
+        """Each list of scores an ok trial reports with its scorer's range: every metric's, not only the
+        searched one's (an f1 of 7.0 stayed in the results unless a sampled check landed on it)."""
+        if trial.status != "ok":
+            return
+        problem = self.task.problem
+        yield "", (self._low, self._high), trial.fold_scores
+        for label, lists in (("{} ", trial.metric_scores), ("train {} ", trial.train_scores)):
+            for name, scores in lists.items():
+                yield label.format(name), score_range(problem.metrics.get(name, problem.scoring)), scores
 
     # -- the best trial -------------------------------------------------------------------
 
@@ -341,6 +378,33 @@ class Verifier:
         return False
 
     # -- internals ------------------------------------------------------------------------
+
+    def _rescue(self, subtask: SubtaskDefinition, reason: str) -> None:
+        """Before trials are given up after faults, the requestor runs them (within subtask_timeout).
+
+        Providers as many as ``max_attempts``, colluding, could otherwise hide the best
+        configuration by never answering a subtask holding it: a fault is no evidence of a lie,
+        and "gave up" was re-run by no one.
+        """
+        self._rescues[subtask.subtask_id] = _Rescue(reason, {t.number for t in subtask.trials})
+        for trial in subtask.trials:
+            self.referee.submit((subtask.subtask_id, trial.number), trial)
+
+    def _rescued(self, subtask_id: str, number: int, result: TrialResult, seconds: float) -> None:
+        rescue = self._rescues[subtask_id]
+        rescue.awaiting.discard(number)
+        rescue.results[number], rescue.seconds = result, rescue.seconds + seconds
+        if rescue.awaiting:
+            return
+        del self._rescues[subtask_id]
+        subtask = self.task.pending(subtask_id)
+        assert subtask is not None
+        if not any(r.status == "ok" for r in rescue.results.values()):  # it fails here too: the configuration's
+            self.task.reject(subtask_id, rescue.reason, fault=True)
+            return
+        trials = [canonical_trial(rescue.results[t.number]) for t in subtask.trials]
+        self.task.rescue(SubtaskResult(task_id=subtask.task_id, subtask_id=subtask_id, environment=environment(),
+                                       trials=trials, compute_time=rescue.seconds), rescue.reason)
 
     def _plan(self, subtask: SubtaskDefinition, result: SubtaskResult, provider: str, kind: str,
               units: list[Unit]) -> _Check:
@@ -418,6 +482,7 @@ class Verifier:
         try:
             answer = read_answer(completion, completion.subtask)
         except MissingResult as exc:
+            self._dodge(checker, str(exc))
             return self._retry(check, subtask_id, f"{checker}: {exc}", seconds_out)
         except ResultError as exc:
             verdict = Verdict(subtask_id, checker, ok=False, kind="structure", reason=str(exc), by=checker)
@@ -430,6 +495,7 @@ class Verifier:
             check.assignee, check.planned_at = None, self.clock()
             return None
         self.task.settle_check(subtask_id, "checked", None, seconds_out)
+        self._dodged.pop(checker, None)
         check.answer, check.checker, check.answered_in = {t.number: t for t in answer.trials}, checker, subtask_id
         if self._disagreement(check, check.answer) is not None:  # who is wrong? The requestor decides
             self._to_referee(check)
@@ -457,6 +523,18 @@ class Verifier:
             return True
         return any(self.policy.promising(spec.params, (check.provider, check.checker))
                    for spec in check.specs.values())
+
+    def _dodge(self, checker: str, reason: str) -> None:
+        """Count a check subtask ``checker`` did not answer; drop it after ``max_provider_failures`` in a row.
+
+        A fault, not a lie: a drop, its own work kept. Not counted like a search subtask's fault
+        (only once others have done its trials): a check re-runs trials a provider has just run
+        within the subtask timeout, so an honest machine answers it. Not counting them made
+        dodging free: a provider that answered no check was sent every check it could get.
+        """
+        dodged = self._dodged[checker] = self._dodged.get(checker, 0) + 1
+        if dodged >= self.task.max_provider_failures and not self.task.is_banned(checker):
+            self.task.drop(checker, f"answered none of {dodged} checks in a row, last: {reason}")
 
     def _retry(self, check: _Check, subtask_id: str, reason: str, seconds_out: float) -> None:
         """The checker failed to answer (a fault): another provider, or after a few, the requestor."""
@@ -497,6 +575,7 @@ class Verifier:
             self.task.store.resolve_check(check.id, "failed")
             self._ban(check.provider, claim_wrong)
         else:
+            self._adopt(check, run)
             self._pass(check, "spot", by_requestor=True)
         return None
 
@@ -509,6 +588,27 @@ class Verifier:
              "or make it deterministic")
         )
         raise TaskError(field_, f"{what} is not deterministic given `seed` ({difference}); {fix}")
+
+    def _adopt(self, check: _Check, run: dict[int, TrialResult]) -> None:
+        """The requestor's own figures replace the claim's on every fold it re-ran and found as claimed.
+
+        A claim only has to agree within the tolerance (kept for honest machines whose floating
+        point differs in the last bits); what is reported of a trial the requestor re-ran in
+        full is then all its own, so a lie below the tolerance cannot decide the outcome.
+        """
+        for trial in check.trials():
+            own = run[trial.number]
+            row = self.task.store.trial(trial.number)
+            if own.status != "ok" or row.subtask_id != check.subtask_id or row.result is None:
+                continue
+            said = TrialResult.model_validate(row.result)
+            self.task.revise(check.subtask_id, canonical_trial(said.model_copy(update={
+                "fold_scores": _put(said.fold_scores, own.fold_scores, trial.folds),
+                "metric_scores": {k: _put(v, own.metric_scores.get(k, []), trial.folds)
+                                  for k, v in said.metric_scores.items()},
+                "train_scores": {k: _put(v, own.train_scores.get(k, []), trial.folds)
+                                 for k, v in said.train_scores.items()},
+            })))
 
     def _pass(self, check: _Check, how: str, by_requestor: bool = False) -> None:
         """The check agreed; a trial whose every fold the requestor has re-run is verified 'full'."""
@@ -546,6 +646,8 @@ class Verifier:
         for check_id, check in list(self._checks.items()):
             if check.provider == provider:
                 self.policy.charge(0.0, check.estimate, 0)
+                dropped = self.referee.cancel([(check_id, number) for number in check.awaiting])  # a liar costs no more
+                check.awaiting -= {number for _, number in dropped}
                 del self._checks[check_id]
                 if check.awaiting:
                     self._cancelled[check_id] = check
@@ -611,6 +713,14 @@ def _score_lists(claim: TrialResult, other: TrialResult) -> Iterator[tuple[str, 
         mine, theirs = getattr(claim, kind), getattr(other, kind)
         for name in sorted(set(mine) | set(theirs)):
             yield label.format(name), mine.get(name, []), theirs.get(name, [])
+
+
+def _put(said: list[float], own: list[float], folds: list[int] | None) -> list[float]:
+    """``said`` with the scores at ``folds`` (``None``: all of them) replaced by ``own``, which has one per fold."""
+    out = list(said)
+    for index, score in zip(range(len(said)) if folds is None else folds, own, strict=True):
+        out[index] = score
+    return out
 
 
 def _folds(units: list[Unit], folds: int) -> dict[int, set[int]]:

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from mltask.protocol import (
     dumps,
     result_size_limit,
 )
-from mltask.provider import evaluate_subtask
+from mltask.provider import environment, evaluate_subtask
+from mltask.referee import Referee
 from mltask.scheduler import drive
 from mltask.task import HyperparameterSearchTask
 from mltask.verifier import Verifier
@@ -452,6 +453,95 @@ def colluders(insight: Insight, names: tuple[str, str] = ("colluder_a", "collude
     return {name: Replayer(insight, name, answers) for name in names}
 
 
+# -- adversaries of the red-team tests (tests/test_attacks.py) -----------------------------
+
+
+def _is_check(subtask: SubtaskDefinition) -> bool:
+    """A check subtask asks for some folds of trials (a search subtask never sets ``folds``): a provider sees it."""
+    return any(t.folds is not None for t in subtask.trials)
+
+
+def framer(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Honest on its own work; sent someone else's trials to check, it contradicts them, to get them banned."""
+    if _is_check(subtask):
+        for trial in _ok_trials(doc):
+            trial["fold_scores"] = [s - 0.1 for s in trial["fold_scores"]]
+            trial["fold_fingerprints"] = [f"{rng.getrandbits(256):064x}" for _ in trial["fold_fingerprints"]]
+            trial["fingerprint"] = combined_fingerprint(trial["fold_fingerprints"])
+            _consistent(trial)
+    return doc
+
+
+def dodge_checks(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any] | None:
+    """Honest on its own work, but never answers a check (as if it crashed): every check falls to others."""
+    return None if _is_check(subtask) else doc
+
+
+def check_aware(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Tells check subtasks from search subtasks: answers checks honestly, invents all its own work."""
+    if not _is_check(subtask):
+        for trial in _ok_trials(doc):
+            _invent(trial, [0.9], None, rng)
+    return doc
+
+
+# Under the verifier's default relative tolerance (1e-9): a re-run "agrees" with the claim.
+NUDGE = 1 + 5e-10
+
+
+def nudge_folds(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Report every fold score higher by less than the tolerance: wins every tie, and no re-run disagrees."""
+    for trial in _ok_trials(doc):
+        trial["fold_scores"] = [s * NUDGE for s in trial["fold_scores"]]
+        _consistent(trial)
+    return doc
+
+
+def nudge_mean(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Report every mean score (the value the search ranks by) higher than its folds' mean, within 1e-9."""
+    for trial in _ok_trials(doc):
+        trial["mean_score"] *= NUDGE
+    return doc
+
+
+def bogus_fingerprint(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """Report a trial fingerprint that is not the hash of its fold fingerprints (results.json shows it)."""
+    for trial in _ok_trials(doc):
+        trial["fingerprint"] = f"{rng.getrandbits(256):064x}"
+    return doc
+
+
+def secondary_metric(doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+    """With several scorers: an impossible score (7.0) for every metric but the one the search optimises."""
+    for trial in _ok_trials(doc):
+        for name, scores in trial["metric_scores"].items():
+            if scores != trial["fold_scores"]:
+                trial["metric_scores"][name] = [7.0 for _ in scores]
+    return doc
+
+
+class FakeThenOutdated:
+    """Inflates its first subtask, then claims another scikit-learn: hoping to be dropped (work kept), not banned."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any]:
+        self.answered += 1
+        return inflate(doc, subtask, rng) if self.answered == 1 else outdated(doc, subtask, rng)
+
+
+class Withholder:
+    """Hides good configurations by faults, not lies: no answer at all to a subtask holding a trial scoring
+    ``threshold`` or more (a crash or a timeout, which is never evidence of cheating)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, doc: dict[str, Any], subtask: SubtaskDefinition, rng: random.Random) -> dict[str, Any] | None:
+        return None if any(t["mean_score"] >= self.threshold for t in _ok_trials(doc)) else doc
+
+
 class InlineBackend(Backend):
     """Named providers that run the provider entry point here, one subtask per ``wait``."""
 
@@ -495,6 +585,34 @@ class InlineBackend(Backend):
         self._queue.clear()
 
 
+class Unrun(InlineBackend):
+    """Inline providers that never run the trials ``skip`` picks and say they failed (as a timeout would).
+
+    Claiming a failure costs the provider nothing, while the requestor re-runs every claimed failure.
+    """
+
+    def __init__(self, providers: list[str], skip: Callable[[dict[str, Any]], bool]) -> None:
+        super().__init__(dict.fromkeys(providers))
+        self.skip = skip
+
+    def wait(self, timeout: float) -> list[Completion]:
+        if not self._queue:
+            return []
+        provider, subtask = self._queue.pop(0)
+        run = [t for t in subtask.trials if not self.skip(t.params)]
+        done = {} if not run else {t.number: t for t in evaluate_subtask(
+            subtask.model_copy(update={"trials": run}), self.resources_dir).trials}
+        trials = [done.get(t.number) or TrialResult(number=t.number, params=t.params, seed=t.seed, status="failed",
+                                                    error="TimeoutError: took too long") for t in subtask.trials]
+        out = self.scratch_dir / provider / subtask.subtask_id
+        out.mkdir(parents=True, exist_ok=True)
+        answer = SubtaskResult(task_id=subtask.task_id, subtask_id=subtask.subtask_id, environment=environment(),
+                               trials=trials, compute_time=1.0)
+        (out / RESULT_FILE).write_text(dumps(answer))
+        self.faked[provider] += len(run) < len(subtask.trials)
+        return [Completion(provider, subtask, out)]
+
+
 class InlineReferee:
     """The requestor's re-runs done in this process when submitted (tests only: it blocks the loop)."""
 
@@ -513,6 +631,11 @@ class InlineReferee:
     def poll(self, timeout: float = 0.0) -> list[tuple[Hashable, TrialResult, float]]:
         done, self._done = self._done, []
         return done
+
+    def cancel(self, keys: Iterable[Hashable]) -> set[Hashable]:
+        dropped = set(keys) & {entry[0] for entry in self._done}
+        self._done = [entry for entry in self._done if entry[0] not in dropped]
+        return dropped
 
     def pending(self) -> int:
         return len(self._done)
@@ -564,11 +687,16 @@ class TamperingLocal(LocalBackend):
         return done
 
 
-def run_local(data: dict[str, Any], output_dir: Path, cheats: dict[str, Cheat], workers: int = 3,
-              seed: int = 0) -> tuple[HyperparameterSearchTask, TamperingLocal, str]:
-    """Run a whole search on real local worker processes (``local-0``...), some of them cheating."""
+def run_local(data: dict[str, Any], output_dir: Path, cheats: dict[str, Cheat], workers: int = 3, seed: int = 0,
+              referee: Callable[[HyperparameterSearchTask], Referee] | None = None,
+              timeout: float = 600) -> tuple[HyperparameterSearchTask, TamperingLocal, str]:
+    """Run a whole search on real local worker processes (``local-0``...), some of them cheating.
+
+    ``referee`` makes the requestor's re-runs (default: the real pool the scheduler makes).
+    """
     task = HyperparameterSearchTask.create(parse_definition(data), output_dir.parent, output_dir)
     with TamperingLocal(cheats, workers, seed) as backend:
         backend.start(task.resources_dir, output_dir / "scratch")
-        status = drive(task, backend, timeout=600)
+        verifier = None if referee is None else Verifier(task, referee(task))
+        status = drive(task, backend, timeout=timeout, verifier=verifier)
     return task, backend, status
