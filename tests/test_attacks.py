@@ -192,12 +192,13 @@ class _CountingPool(RefereePool):
         self.submitted.append(trial.number)
         super().submit(key, trial)
 
-    def cancel(self, keys: Any) -> None:
+    def cancel(self, keys: Any) -> set[Any]:
         """A cancelled re-run that had not started cost nothing: it is not counted."""
-        for key in keys:
-            if key in self._queue:
-                self.submitted.remove(self._queue[key].number)
-        super().cancel(keys)
+        numbers = {key: self._queue[key].number for key in keys if key in self._queue}
+        dropped = super().cancel(keys)
+        for key in dropped:
+            self.submitted.remove(numbers[key])
+        return dropped
 
 
 @pytest.mark.slow
