@@ -458,6 +458,17 @@ class Store:
                         " AND state = 'planned'", (time.time(), provider))
         return reopened
 
+    def promote_again(self, evaluations: list[tuple[int, int]]) -> None:
+        """Turn pruned trials' (number, rung) evaluations into promotions: the trials climb on from there.
+
+        Their rows become 'running' again holding that rung's result, as a promoted trial's
+        row does, so a resume finds them waiting for their next rung.
+        """
+        with self.transaction() as cur:
+            cur.executemany("UPDATE trials SET state = 'running' WHERE number = ? AND state = 'pruned'",
+                            [(n,) for n, _ in evaluations])
+            cur.executemany("UPDATE rungs SET decision = 'promoted' WHERE number = ? AND rung = ?", evaluations)
+
     def bans(self) -> dict[str, str]:
         return dict(self._conn.execute("SELECT provider, reason FROM bans"))
 

@@ -224,6 +224,7 @@ class HyperparameterSearchTask:
         task._batches = len(set(first_batch.values()))
         task._rebuild_study(rows)
         task._requeue_unsettled(rows, exclude=set())
+        task._climb_if_none_complete()  # a stop between a last result and its forced promotion
         return task
 
     @property
@@ -380,6 +381,7 @@ class HyperparameterSearchTask:
         self._settle_suspects(entry.provider, {t.number for t in result.trials if t.status == "ok"},
                               {t.number for t in result.trials})
         self._update_running()
+        self._climb_if_none_complete()
         return True
 
     def _record(self, entry: _Pending, result: SubtaskResult, verified: dict[int, str] | None,
@@ -498,6 +500,7 @@ class HyperparameterSearchTask:
             self.store.settle_subtask(subtask_id, "failed", reason=reason, trials=rows, rungs=rungs)
             for t in trials:
                 self._tell(t.number, None, t.params)
+            self._climb_if_none_complete()
         self._update_running()
 
     def _settle_suspects(self, provider: str, succeeded: set[int], settled: set[int]) -> None:
@@ -536,8 +539,11 @@ class HyperparameterSearchTask:
 
         Its accepted subtasks are reopened in the store and their trials re-queued with the
         same parameters and seeds; the in-memory study is rebuilt from the store (Optuna
-        cannot un-tell a trial), keeping the sampler and its random state.
+        cannot un-tell a trial), keeping the sampler and its random state. Multi-fidelity:
+        the trials pruned against the rung evaluations the ban voided are judged again
+        (:meth:`_pruned_against`).
         """
+        before = self.store.rungs() if self.schedule is not None else []
         reopened = self.store.ban(provider, reason, reopen=True)
         self._banned.add(provider)
         self._last_exclusion = f"{provider} banned: {reason}"
@@ -546,7 +552,72 @@ class HyperparameterSearchTask:
             if self.schedule is not None:  # a waiting promotion may rest on a rung the ban voided
                 self.schedule.waiting = {n: self._next_rung(n) for n in self.schedule.waiting}
             self._requeue_unsettled(rows, exclude=self._queued_numbers())
-            self._rebuild_study(rows)
+            self._rebuild_study(rows, rejudge=self._pruned_against(before))
+            self._climb_if_none_complete()
+
+    def _pruned_against(self, before: list[dict[str, Any]]) -> dict[int, tuple[int, float]]:
+        """Trials pruned at a rung after an evaluation there that is gone now: number -> (rung, value).
+
+        ASHA ranks a rung result against every result of that rung so far, so a liar's
+        inflated score can push an honest trial out of the top 1/``reduction_factor`` (and
+        its own voided evaluations are re-run, but that trial's decision would stand). Those
+        trials are judged again against the rung's results that stand (:meth:`_rejudge`).
+        A trial pruned before any voided evaluation arrived at its rung was judged on
+        honest results only and keeps its decision. ``before`` is the rungs table before the
+        ban; the times compared are the stored acceptance times, so this is decided from the
+        store alone.
+        """
+        standing = {(r["number"], r["rung"]) for r in self.store.rungs()}
+        voided: dict[int, float] = {}  # rung -> when its first evaluation now voided was accepted
+        for r in before:
+            if (r["number"], r["rung"]) not in standing:
+                voided[r["rung"]] = min(voided.get(r["rung"], math.inf), r["at"])
+        return {r["number"]: (r["rung"], r["value"]) for r in before
+                if (r["number"], r["rung"]) in standing and r["decision"] == "pruned"
+                and r["at"] >= voided.get(r["rung"], math.inf)}
+
+    def _rejudge(self, rejudge: dict[int, tuple[int, float]], rows: list[TrialRow]) -> None:
+        """Decide again whether each trial in ``rejudge`` (number -> its pruned rung and value) goes on.
+
+        Optuna's pruner on the rebuilt study decides, the same rule as :meth:`RungSchedule.decide`
+        on a fresh result, against the rung's results that stand; the trials were added to the
+        study running, without their mark at that rung. In trial-number order, each judged
+        with those judged before it (as ASHA judges arrivals in turn), so the outcome does
+        not depend on timing. A trial promoted now waits for its next rung, and the store
+        records the promotion, so a resumed task finds the same decisions.
+        """
+        assert self.schedule is not None
+        promoted = []
+        for number, (rung, value) in sorted(rejudge.items()):
+            if self.schedule.decide(self.study, number, rung, value) == "promoted":
+                promoted.append((number, rung))
+            else:
+                self._tell(number, value, rows[number].params, pruned=True)
+        self.store.promote_again(promoted)
+
+    def _climb_if_none_complete(self) -> None:
+        """Multi-fidelity: never finish without a trial evaluated at ``max_resource``; promote one if need be.
+
+        Pruning, failures at the top rung and a tiny ``n_trials`` can leave every trial
+        pruned or failed, so there would be no best to report, verify in full and refit. As
+        in scikit-learn's halving search, whose last iteration always has candidates, the
+        best trial of the highest rung any pruned trial reached is promoted (forced, not
+        judged); where the pruner stops it again further up, this runs again and it (or
+        another) climbs on, until a trial completes at the top or every trial has failed.
+        The promotion is stored, so a resume agrees.
+        """
+        if self.schedule is None or self._aborted or self._progress.best_number is not None or not self._settled():
+            return
+        pruned = {r.number for r in self.store.trials() if r.state == "pruned"}
+        sign = 1.0 if self.direction == "maximize" else -1.0
+        stops = [(r["rung"], sign * r["value"], -r["number"]) for r in self.store.rungs()
+                 if r["number"] in pruned and r["decision"] == "pruned"]
+        if not stops:
+            return
+        rung, _, number = max(stops)
+        self.store.promote_again([(-number, rung)])
+        self._rebuild_study(self.store.trials())
+        self.schedule.waiting[-number] = rung + 1
 
     def drop(self, provider: str, reason: str) -> None:
         """Stop using a provider that keeps failing, for this run.
@@ -655,8 +726,13 @@ class HyperparameterSearchTask:
         self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
                                verdict.reason, verdict.seconds, by=verdict.by, check_id=verdict.check_id)
 
-    def _rebuild_study(self, rows: list[Any]) -> None:
-        """The study as the store has it; multi-fidelity trials with their rung values and pruner marks."""
+    def _rebuild_study(self, rows: list[Any], rejudge: dict[int, tuple[int, float]] | None = None) -> None:
+        """The study as the store has it; multi-fidelity trials with their rung values and pruner marks.
+
+        The pruned trials in ``rejudge`` (number -> the rung they were pruned at and their
+        value there) are judged again once every trial is in (:meth:`_rejudge`).
+        """
+        rejudge = rejudge or {}
         space = self.definition.options.search_space
         distributions = space.distributions()
         study = self._new_study(self.study.sampler)
@@ -672,7 +748,10 @@ class HyperparameterSearchTask:
         for row in rows:
             sampled = space.optuna_params(row.params)
             state = states.get(row.state, TrialState.RUNNING)
-            intermediate, marks = self.schedule.restored(climbed.get(row.number, [])) if self.schedule else ({}, {})
+            climbs = climbed.get(row.number, [])
+            if row.number in rejudge:  # running again until judged, without its mark at the rung it is judged at
+                state, climbs = TrialState.RUNNING, [c for c in climbs if c[0] != rejudge[row.number][0]]
+            intermediate, marks = self.schedule.restored(climbs) if self.schedule else ({}, {})
             study.add_trial(optuna.trial.create_trial(
                 state=state, value=row.value if state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
                 params=sampled, distributions={k: distributions[k] for k in sampled},
@@ -681,6 +760,8 @@ class HyperparameterSearchTask:
             if state != TrialState.RUNNING:
                 self._count(row.number, row.value if state == TrialState.COMPLETE else None, row.params,
                             pruned=state == TrialState.PRUNED)
+        if rejudge:
+            self._rejudge(rejudge, rows)
         self._update_running()
 
     def _update_running(self) -> None:
@@ -719,9 +800,12 @@ class HyperparameterSearchTask:
         return list(self._pending)
 
     def finished(self) -> bool:
+        return self._aborted or self._settled()
+
+    def _settled(self) -> bool:
+        """Every trial asked and settled: none out, queued again or waiting for its next rung."""
         waiting = self.schedule is not None and bool(self.schedule.waiting)
-        return self._aborted or (self._asked >= self.n_trials and not self._pending and not self._requeued
-                                 and not waiting)
+        return self._asked >= self.n_trials and not self._pending and not self._requeued and not waiting
 
     def abort_requested(self) -> bool:
         """Whether ``mltask tasks abort`` asked this task to stop (checked by the scheduler)."""

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mltask.cli import main
+from mltask.definition import parse_definition
+from mltask.task import HyperparameterSearchTask
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted((ROOT / "task_templates").glob("*.json"))
@@ -60,3 +62,17 @@ def run_cli(args: list[str], capsys: Any) -> tuple[int, str, str]:
 
 def results(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
+
+
+CLIMB_SCRIPT = "def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n" \
+               "    return params['a'] * params['n'] / (params['n'] + 1)\n"
+
+
+def climbing_task(directory: Path, name: str, batch: int = 1, script: str = CLIMB_SCRIPT) -> HyperparameterSearchTask:
+    """A multi-fidelity script task of 6 trials in subtasks of ``batch`` (rungs n = 1, 3, 9), created but not run."""
+    (directory / "climb.py").write_text(script)
+    data = task_dict(estimator=None, scoring=None, script={"file": "climb.py"}, cv={"kind": "kfold", "folds": 2},
+                     search_space={"a": {"type": "float", "low": 0, "high": 1}}, n_trials=6,
+                     fidelity={"resource": "n", "min_resource": 1, "max_resource": 9, "reduction_factor": 3})
+    data.update(resources=["climb.py"], subtasks_count=6 // batch)
+    return HyperparameterSearchTask.create(parse_definition(data), directory, directory / name)

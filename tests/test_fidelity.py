@@ -303,3 +303,63 @@ def test_a_check_planned_on_a_lower_rung_survives_a_stop_after_the_trial_climbed
     for check in resumed._checks.values():
         if check.subtask_id == "s000001":
             assert all(spec.resource == 2 for spec in check.specs.values())  # rung 0, as the claim was computed
+
+
+# -- a liar's rung scores and a search with nothing at the top ------------------------------------
+
+
+def test_a_ban_judges_again_the_trials_pruned_against_the_liars_inflated_scores(tmp_path: Path) -> None:
+    """A liar's inflated first-rung score, the first at that rung, pruned the honest trial that arrived next
+    (ASHA's eager rule promotes only the best of the first arrivals). Once the liar is banned the honest trial
+    is judged again against what stands and promoted: it waits for its next rung, and so does a resumed copy."""
+    import shutil
+
+    from mltask.protocol import SubtaskResult
+    from tests.dishonest import RungLiar
+    from tests.support import climbing_task
+
+    task = climbing_task(tmp_path, "out")
+    sent = [task.next_subtask("liar" if i == 0 else "honest") for i in range(6)]  # every trial at its first rung
+    lie = RungLiar(9, delta=10.0)(json.loads(evaluate_subtask(sent[0], task.resources_dir).model_dump_json()),
+                                  sent[0], None)
+    assert task.accept(SubtaskResult.model_validate(lie))
+    honest = max(range(1, 6), key=lambda i: sent[i].trials[0].params["a"])  # the best configuration
+    assert task.accept(evaluate_subtask(sent[honest], task.resources_dir))
+    assert task.store.trial(honest).state == "pruned"  # below the lie
+
+    task.ban("liar", "a check failed")
+    assert task.store.trial(honest).state == "running"
+    assert [r["decision"] for r in task.store.rungs() if r["number"] == honest] == ["promoted"]
+    assert task.schedule.waiting[honest] == 1  # (beside the liar's trial, back at its first rung)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    assert HyperparameterSearchTask.load(tmp_path / "copy").schedule.waiting[honest] == 1  # a resume agrees
+    for i in set(range(1, 6)) - {honest}:
+        assert task.accept(evaluate_subtask(sent[i], task.resources_dir))
+    while (subtask := task.next_subtask("honest")) is not None:
+        assert task.accept(evaluate_subtask(subtask, task.resources_dir))
+    assert task.finished() and task.store.top_rung(honest) == 2 and task.best_trial().number == honest
+
+
+# Only the smallest `a` survives training beyond the first rung; a single worker meets it after larger ones.
+_DIVERGES = ("def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n"
+             "    if params['n'] > 1 and params['a'] > 0.15:\n"
+             "        raise ValueError('diverges with more work')\n"
+             "    return params['a'] * params['n'] / (params['n'] + 1)\n")
+
+
+def test_a_search_never_ends_without_a_trial_at_the_maximum_resource(tmp_path: Path) -> None:
+    """Every configuration promoted fails above the first rung and the only one that would not was pruned
+    there: the best pruned trial of the highest rung reached is promoted anyway, until one completes at the top
+    (as scikit-learn's halving search always has candidates in its last iteration)."""
+    (tmp_path / "diverges.py").write_text(_DIVERGES)
+    task = task_dict(estimator=None, scoring=None, script={"file": "diverges.py"}, cv={"kind": "kfold", "folds": 2},
+                     search_space={"a": [0.9, 0.8, 0.7, 0.6, 0.5, 0.1]}, algorithm="grid", n_trials=None,
+                     fidelity={"resource": "n", "min_resource": 1, "max_resource": 9}, seed=1)  # 0.1 comes late
+    task.update(resources=["diverges.py"], subtasks_count=6)
+    out = tmp_path / "out"
+    run_task(write_task(tmp_path, task), workers=1, output=out, quiet=True)
+    best = json.loads((out / "best.json").read_text())
+    assert best["params"] == {"a": 0.1} and best["resource"] == 9
+    doc = results(out)
+    assert doc["counts"]["complete"] == 1
+    assert [r["resource"] for t in doc["trials"] if t["params"] == {"a": 0.1} for r in t["rungs"]] == [1, 3, 9]

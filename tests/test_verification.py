@@ -38,7 +38,7 @@ from tests.dishonest import (
     run_inline,
     run_local,
 )
-from tests.support import results, task_dict, write_task
+from tests.support import climbing_task, results, task_dict, write_task
 
 STRUCTURAL = {"skip_trial", "other_subtask", "malformed", "huge"}
 # Cheats that fake every result they write: the first subtask's check catches them.
@@ -459,15 +459,7 @@ def test_a_script_that_ignores_its_seed_stops_the_task_and_bans_nobody(tmp_path:
 RUNGS = {"resource": "n_samples", "min_resource": 12, "max_resource": 108, "reduction_factor": 3}
 
 
-# KNOWN GAP (reported to the lead): a ban reopens the liar's own rung evaluations only; an honest trial
-# pruned at a rung where the liar's inflated scores competed stays pruned, so now and then (about 1 run in 8
-# here) every trial ends pruned and the search finishes with no trial at max_resource (best_trial() is None).
-_PRUNED_BY_A_LIE = pytest.mark.xfail(reason="KNOWN GAP: trials pruned against a banned provider's inflated "
-                                            "rung scores are not judged again, so the search can end with no "
-                                            "complete trial", strict=False)
-
-
-@pytest.mark.parametrize("kind", [pytest.param("promote_bad", marks=_PRUNED_BY_A_LIE), "prune_good"])
+@pytest.mark.parametrize("kind", ["promote_bad", "prune_good"])
 def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path: Path) -> None:
     """Multi-fidelity: a provider faking scores below the maximum resource only (to promote a bad configuration
     or stop a good one) lies in its first answer, which is always checked, at the rung's resource: it is
@@ -488,23 +480,6 @@ def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path:
     assert best.verified == "full" and max(r["resource"] for r in rungs if r["number"] == best.number) == 108
 
 
-_RUNG_SCRIPT = "def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n" \
-               "    return params['a'] * params['n'] / (params['n'] + 1)\n"
-
-
-def _climbing_task(tmp_path: Path, name: str, batch: int = 1) -> Any:
-    """A multi-fidelity script task of 6 trials in subtasks of ``batch``, created but not run."""
-    from mltask.definition import parse_definition
-    from mltask.task import HyperparameterSearchTask
-
-    (tmp_path / "climb.py").write_text(_RUNG_SCRIPT)
-    data = task_dict(estimator=None, scoring=None, script={"file": "climb.py"}, cv={"kind": "kfold", "folds": 2},
-                     search_space={"a": {"type": "float", "low": 0, "high": 1}}, n_trials=6,
-                     fidelity={"resource": "n", "min_resource": 1, "max_resource": 9, "reduction_factor": 3})
-    data.update(resources=["climb.py"], subtasks_count=6 // batch)
-    return HyperparameterSearchTask.create(parse_definition(data), tmp_path, tmp_path / name)
-
-
 def test_a_rung_answer_whose_basis_a_ban_voided_sends_the_trial_back_to_its_first_rung(tmp_path: Path) -> None:
     """A liar's inflated first rung promoted a bad trial and its next rung went to an honest provider; after
     the ban that answer's basis is void: the trial climbs again from its first rung, where honest scores prune
@@ -513,10 +488,10 @@ def test_a_rung_answer_whose_basis_a_ban_voided_sends_the_trial_back_to_its_firs
     from mltask.provider import evaluate_subtask
     from tests.dishonest import RungLiar
 
-    dry = _climbing_task(tmp_path, "dry")
+    dry = climbing_task(tmp_path, "dry")
     first = [dry.next_subtask("x").trials[0] for _ in range(4)]
     worst = min(range(4), key=lambda i: first[i].params["a"])  # pruned at the first rung once honestly scored
-    task = _climbing_task(tmp_path, "out")
+    task = climbing_task(tmp_path, "out")
 
     def answer(subtask: Any, cheat: Any = None) -> None:
         result = evaluate_subtask(subtask, task.resources_dir)
@@ -553,7 +528,7 @@ def test_a_ban_sends_each_climbing_trial_once(tmp_path: Path) -> None:
     the second answer promoted a pruned trial, whose next rung then crashed the search (UpdateFinishedTrialError)."""
     from mltask.provider import evaluate_subtask
 
-    task = _climbing_task(tmp_path, "out", batch=2)
+    task = climbing_task(tmp_path, "out", batch=2)
     first, second = task.next_subtask("banned"), task.next_subtask("banned")
     # Answered out of order, the promotions mix the batches: the trials climb in other company (here
     # (2, 3), (0, 1), then (1, 2) and (1, 4)), all of it from the provider banned below.
