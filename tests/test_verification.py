@@ -462,11 +462,12 @@ RUNGS = {"resource": "n_samples", "min_resource": 12, "max_resource": 108, "redu
 @pytest.mark.parametrize("kind", ["promote_bad", "prune_good"])
 def test_a_low_rung_liar_is_caught_on_real_worker_processes(kind: str, tmp_path: Path) -> None:
     """Multi-fidelity: a provider faking scores below the maximum resource only (to promote a bad configuration
-    or stop a good one) lies in its first answer, which is always checked, at the rung's resource: it is
-    banned, none of its evaluations survive, and every score left is the honest one. (Which trials climb
-    depends on the order answers arrive in, so the best may differ from an honest run's; it is re-run in
-    full at the maximum resource.)"""
-    data = _search(fidelity=RUNGS)
+    or stop a good one) lies in its first answer; with a budget that checks every answer, checks re-run it at
+    the rung's resource: it is banned, none of its evaluations survive, and every score left is the honest
+    one. (Which trials climb depends on the order answers arrive in, so the best may differ from an honest
+    run's; it is re-run in full at the maximum resource.) How often the default budget catches it:
+    bench/verification.py."""
+    data = _search(fidelity=RUNGS, verification={"budget": 1.0})
     honest, _, _ = run_inline(data, tmp_path / "honest" / "out", {"a": None, "b": None})
     truth = {(r["number"], r["rung"]): r["value"] for r in honest.store.rungs()}
     task, backend, status = run_local(data, tmp_path / "out", {"local-1": RUNG_ADVERSARIES[kind](108)}, workers=2)
