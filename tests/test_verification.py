@@ -46,7 +46,8 @@ BLATANT = STRUCTURAL | {"inflate", "random_scores", "plausible_lazy", "claim_fai
 
 
 def _search(**options: Any) -> dict[str, Any]:
-    """24 trials in 6 subtasks of 4, 5 folds: the budget affords a check of every provider's first subtask."""
+    """24 trials in 6 subtasks of 4, 5 folds: a provider's first subtask meets a warm-up check with
+    probability 1 - 0.631**4 = 84%, each further one while none was planned too; inflated fakes are contenders."""
     data = task_dict(**{"n_trials": 24, "cv": {"kind": "stratified", "folds": 5}, **options})
     data["subtasks_count"] = 6
     return data
