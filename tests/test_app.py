@@ -93,6 +93,8 @@ def test_downloads_and_task_paths_stay_inside_the_root(tmp_path: Path) -> None:
     app = client(root)
     assert app.get("/download/done?file=best.json").json()["mean_score"] > 0
     assert "ml_hyperparameter_search" in app.get("/download/done?file=task.json").text
+    (root / "done" / "rungs.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a multi-fidelity search's plot
+    assert app.get("/download/done?file=rungs.png").content.startswith(b"\x89PNG")
     for url in ("/download/done?file=../outside/best.json", "/download/done?file=/etc/passwd",
                 "/download/done?file=state.db", "/download/done?file=secret.json", "/download/done?file=resources",
                 "/download/..%2Foutside?file=best.json", "/download/%2Fetc?file=passwd",

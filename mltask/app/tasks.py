@@ -25,12 +25,12 @@ from typing import Any
 from mltask.app.runs import Process
 from mltask.app.security import confined
 from mltask.errors import TaskError
-from mltask.report import PLOT_FILE, REPORT_FILE
+from mltask.report import PLOT_FILE, REPORT_FILE, RUNGS_PLOT_FILE
 from mltask.results import BEST_JSON, MODEL_FILE, RESULTS_CSV, RESULTS_JSON
 from mltask.store import SCHEMA_VERSION, Store, state_errors
 from mltask.task import RESOURCES_DIR, STATE_FILE
 
-DOWNLOADS = (MODEL_FILE, RESULTS_CSV, RESULTS_JSON, BEST_JSON, REPORT_FILE, PLOT_FILE)
+DOWNLOADS = (MODEL_FILE, RESULTS_CSV, RESULTS_JSON, BEST_JSON, REPORT_FILE, PLOT_FILE, RUNGS_PLOT_FILE)
 RESUMABLE = ("interrupted", "aborted", "stopped", "timeout")
 _SKIP_DIRS = {RESOURCES_DIR, "scratch", "__pycache__"}
 _MAX_DEPTH = 4
