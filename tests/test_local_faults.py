@@ -176,3 +176,25 @@ def test_whole_task_timeout_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     longer = {**data, "timeout": "00:05:00"}  # a compatible change on resume
     resumed = resume_task(tmp_path / "out", task=longer, workers=2, quiet=True)
     assert resumed.summary.status == "finished" and resumed.summary.counts()["complete"] == 20
+
+
+def test_a_ctrl_c_while_the_fork_server_starts_does_not_kill_it() -> None:
+    """Regression (CI): Ctrl-C goes to the whole process group; one that arrived while the fork
+    server was still importing ``site`` killed it with a KeyboardInterrupt traceback on stderr."""
+    import os
+    import signal
+    import time
+
+    from mltask.backends.forkserver import ForkServer
+
+    server = ForkServer([])
+    server._start()
+    assert server._process is not None
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and server._process.poll() is None:
+            os.kill(server._process.pid, signal.SIGINT)
+            time.sleep(0.002)
+        assert server._process.poll() is None
+    finally:
+        server.close()

@@ -47,7 +47,9 @@ from mltask.errors import TaskError
 
 _BOOTSTRAP = (
     "import sys; sys.path[:] = {path!r}; "  # first: nothing may be imported from the working directory
-    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "  # the requestor handles Ctrl-C for everyone
+    # the requestor handles Ctrl-C for everyone; SIGINT was blocked from birth (see ForkServer._start) until now
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.pthread_sigmask(signal.SIG_UNBLOCK, "
+    "{{signal.SIGINT}}); "
     "from mltask.backends.forkserver import serve; serve({fd}, {mltask_file!r}, {preload!r})"
 )
 _REPLY_SECONDS = 60.0  # the server imports scikit-learn before its first answer
@@ -82,9 +84,16 @@ class ForkServer:
         ours, theirs = socket.socketpair()
         code = _BOOTSTRAP.format(path=worker_path(), fd=theirs.fileno(), mltask_file=mltask.__file__,
                                  preload=self._preload)
-        with theirs:
-            self._process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                             pass_fds=[theirs.fileno()])
+        # Ctrl-C reaches the whole process group: one arriving while the server still imported
+        # `site`, before its bootstrap ignores SIGINT, killed it with a KeyboardInterrupt traceback.
+        # A blocked signal stays blocked across fork and exec (only this thread's mask changes).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            with theirs:
+                self._process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                                 pass_fds=[theirs.fileno()])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._sock, self._buffer, self._exits = ours, b"", {}
 
     def fork(self, target: str, **arguments: str) -> tuple[int, Connection]:
