@@ -187,7 +187,8 @@ def _fake_metric(kind: str) -> Any:
 
 @pytest.mark.parametrize("kind", ["metric_scores", "train_scores"])
 def test_a_faked_metric_that_is_not_optimised_is_caught(kind: str, tmp_path: Path) -> None:
-    data = task_dict(n_trials=8, scoring={"acc": "accuracy", "f1": "f1_macro"}, refit_metric="acc",
+    data = task_dict(n_trials=8, verification={"budget": 1.0},  # every answer checked: the catch is certain
+                     scoring={"acc": "accuracy", "f1": "f1_macro"}, refit_metric="acc",
                      return_train_score=True, cv={"kind": "stratified", "folds": 4}, search_space={
                          "max_depth": {"type": "int", "low": 1, "high": 6}, "random_state": 0})
     data["subtasks_count"] = 4

@@ -67,8 +67,9 @@ def honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float | None]:
 # Lies that only sampling can catch: a saboteur lowering good trials is caught when a check
 # lands on one (weighted towards them by their neighbours' scores), not for certain, so the
 # true best can stay hidden in some runs (README, "What sampling cannot catch cheaply";
-# bench/verification.py measures how often). The other guarantees hold for it too.
-SAMPLED_ONLY = {"lower_good"}
+# bench/verification.py measures how often). The other guarantees hold for it too. The
+# replaying adversary lowers the best too; since warm-ups are drawn per trial it escaped in CI.
+SAMPLED_ONLY = {"lower_good", "replay_verifier"}
 
 
 def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | None],
