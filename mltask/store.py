@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import time
@@ -201,6 +202,28 @@ class TrialRow:
     provider: str | None
     finished_at: float | None
     verified: str | None
+
+
+def _pruned_against(before: list[tuple[int, int, float, str, float]],
+                    standing: set[tuple[int, int]]) -> dict[int, tuple[int, float]]:
+    """Trials pruned at a rung after an evaluation there that is gone now: number -> (rung, value).
+
+    ASHA ranks a rung result against every result of that rung so far, so a liar's
+    inflated score can push an honest trial out of the top 1/``reduction_factor`` (and
+    its own voided evaluations are re-run, but that trial's decision would stand). Those
+    trials are judged again against the rung's results that stand
+    (:meth:`mltask.task.HyperparameterSearchTask._rejudge`). A trial pruned before any
+    voided evaluation arrived at its rung was judged on honest results only and keeps its
+    decision. ``before`` is the rungs table (number, rung, value, decision, accepted at)
+    before a ban, ``standing`` the (number, rung) left after it; the times compared are the
+    stored acceptance times, so this is decided from the store alone.
+    """
+    voided: dict[int, float] = {}  # rung -> when its first evaluation now voided was accepted
+    for number, rung, _, _, at in before:
+        if (number, rung) not in standing:
+            voided[rung] = min(voided.get(rung, math.inf), at)
+    return {number: (rung, value) for number, rung, value, decision, at in before
+            if (number, rung) in standing and decision == "pruned" and at >= voided.get(rung, math.inf)}
 
 
 class Store:
@@ -425,9 +448,13 @@ class Store:
         """Ban ``provider``; with ``reopen``, reopen all it had accepted and return those subtask ids.
 
         Nothing a cheater reported survives, verified or not: its accepted subtasks become
-        'rejected' and their trials 'running' again, in the same transaction as the ban.
+        'rejected' and their trials 'running' again, in the same transaction as the ban. So
+        are the trials to judge again (:meth:`rejudge_pending`): a stop between the ban and
+        the judging must not leave them pruned against evaluations that are gone.
         """
         with self.transaction() as cur:
+            before = [(n, rung, value, decision, at) for n, rung, value, decision, at in cur.execute(
+                "SELECT number, rung, value, decision, at FROM rungs")] if reopen else []
             cur.execute("INSERT OR IGNORE INTO bans VALUES (?, ?, ?)", (provider, reason, time.time()))
             reopened = [r[0] for r in cur.execute(
                 "SELECT subtask_id FROM subtasks WHERE provider = ? AND state = 'accepted'", (provider,)
@@ -456,15 +483,29 @@ class Store:
             )
             cur.execute("UPDATE checks SET state = 'cancelled', resolved_at = ? WHERE provider = ?"
                         " AND state = 'planned'", (time.time(), provider))
+            standing = set(cur.execute("SELECT number, rung FROM rungs"))
+            rejudge = {n: v for n, v in self.rejudge_pending(cur).items() if (n, v[0]) in standing}
+            rejudge |= _pruned_against(before, standing)
+            if rejudge:
+                cur.execute("INSERT OR REPLACE INTO meta VALUES ('rejudge', ?)",
+                            (json.dumps({str(n): list(v) for n, v in sorted(rejudge.items())}),))
         return reopened
 
-    def promote_again(self, evaluations: list[tuple[int, int]]) -> None:
+    def rejudge_pending(self, cur: sqlite3.Cursor | None = None) -> dict[int, tuple[int, float]]:
+        """Trials a ban left to judge again (number -> the rung they were pruned at and their value there)."""
+        row = (cur or self._conn).execute("SELECT value FROM meta WHERE key = 'rejudge'").fetchone()
+        return {int(n): (rung, value) for n, (rung, value) in json.loads(row[0]).items()} if row else {}
+
+    def promote_again(self, evaluations: list[tuple[int, int]], *, rejudged: bool = False) -> None:
         """Turn pruned trials' (number, rung) evaluations into promotions: the trials climb on from there.
 
         Their rows become 'running' again holding that rung's result, as a promoted trial's
-        row does, so a resume finds them waiting for their next rung.
+        row does, so a resume finds them waiting for their next rung. ``rejudged``: these
+        are the decisions on every trial :meth:`rejudge_pending` held, which it then no longer holds.
         """
         with self.transaction() as cur:
+            if rejudged:
+                cur.execute("DELETE FROM meta WHERE key = 'rejudge'")
             cur.executemany("UPDATE trials SET state = 'running' WHERE number = ? AND state = 'pruned'",
                             [(n,) for n, _ in evaluations])
             cur.executemany("UPDATE rungs SET decision = 'promoted' WHERE number = ? AND rung = ?", evaluations)

@@ -222,7 +222,7 @@ class HyperparameterSearchTask:
             for n in json.loads(sub["trial_numbers"]):
                 first_batch.setdefault(n, sub["subtask_id"])
         task._batches = len(set(first_batch.values()))
-        task._rebuild_study(rows)
+        task._rebuild_study(rows, rejudge=store.rejudge_pending())  # a stop between a ban and its judging
         task._requeue_unsettled(rows, exclude=set())
         task._climb_if_none_complete()  # a stop between a last result and its forced promotion
         return task
@@ -541,9 +541,9 @@ class HyperparameterSearchTask:
         same parameters and seeds; the in-memory study is rebuilt from the store (Optuna
         cannot un-tell a trial), keeping the sampler and its random state. Multi-fidelity:
         the trials pruned against the rung evaluations the ban voided are judged again
-        (:meth:`_pruned_against`).
+        (:func:`mltask.store._pruned_against`; the store records which in the ban's own
+        transaction, so a stop before the judging does not lose them).
         """
-        before = self.store.rungs() if self.schedule is not None else []
         reopened = self.store.ban(provider, reason, reopen=True)
         self._banned.add(provider)
         self._last_exclusion = f"{provider} banned: {reason}"
@@ -552,29 +552,8 @@ class HyperparameterSearchTask:
             if self.schedule is not None:  # a waiting promotion may rest on a rung the ban voided
                 self.schedule.waiting = {n: self._next_rung(n) for n in self.schedule.waiting}
             self._requeue_unsettled(rows, exclude=self._queued_numbers())
-            self._rebuild_study(rows, rejudge=self._pruned_against(before))
+            self._rebuild_study(rows, rejudge=self.store.rejudge_pending())
             self._climb_if_none_complete()
-
-    def _pruned_against(self, before: list[dict[str, Any]]) -> dict[int, tuple[int, float]]:
-        """Trials pruned at a rung after an evaluation there that is gone now: number -> (rung, value).
-
-        ASHA ranks a rung result against every result of that rung so far, so a liar's
-        inflated score can push an honest trial out of the top 1/``reduction_factor`` (and
-        its own voided evaluations are re-run, but that trial's decision would stand). Those
-        trials are judged again against the rung's results that stand (:meth:`_rejudge`).
-        A trial pruned before any voided evaluation arrived at its rung was judged on
-        honest results only and keeps its decision. ``before`` is the rungs table before the
-        ban; the times compared are the stored acceptance times, so this is decided from the
-        store alone.
-        """
-        standing = {(r["number"], r["rung"]) for r in self.store.rungs()}
-        voided: dict[int, float] = {}  # rung -> when its first evaluation now voided was accepted
-        for r in before:
-            if (r["number"], r["rung"]) not in standing:
-                voided[r["rung"]] = min(voided.get(r["rung"], math.inf), r["at"])
-        return {r["number"]: (r["rung"], r["value"]) for r in before
-                if (r["number"], r["rung"]) in standing and r["decision"] == "pruned"
-                and r["at"] >= voided.get(r["rung"], math.inf)}
 
     def _rejudge(self, rejudge: dict[int, tuple[int, float]], rows: list[TrialRow]) -> None:
         """Decide again whether each trial in ``rejudge`` (number -> its pruned rung and value) goes on.
@@ -593,7 +572,7 @@ class HyperparameterSearchTask:
                 promoted.append((number, rung))
             else:
                 self._tell(number, value, rows[number].params, pruned=True)
-        self.store.promote_again(promoted)
+        self.store.promote_again(promoted, rejudged=True)
 
     def _climb_if_none_complete(self) -> None:
         """Multi-fidelity: never finish without a trial evaluated at ``max_resource``; promote one if need be.

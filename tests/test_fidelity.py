@@ -340,6 +340,40 @@ def test_a_ban_judges_again_the_trials_pruned_against_the_liars_inflated_scores(
     assert task.finished() and task.store.top_rung(honest) == 2 and task.best_trial().number == honest
 
 
+def test_a_stop_between_a_ban_and_its_judging_leaves_the_trials_to_judge(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the ban and the judging were two transactions; a kill -9 between them left the honest trial
+    pruned against the liar's voided score, and a resume did not judge it again."""
+    import shutil
+
+    from mltask.protocol import SubtaskResult
+    from tests.dishonest import RungLiar
+    from tests.support import climbing_task
+
+    task = climbing_task(tmp_path, "out")
+    sent = [task.next_subtask("liar" if i == 0 else "honest") for i in range(6)]
+    lie = RungLiar(9, delta=10.0)(json.loads(evaluate_subtask(sent[0], task.resources_dir).model_dump_json()),
+                                  sent[0], None)
+    assert task.accept(SubtaskResult.model_validate(lie))
+    honest = max(range(1, 6), key=lambda i: sent[i].trials[0].params["a"])
+    assert task.accept(evaluate_subtask(sent[honest], task.resources_dir))
+    assert task.store.trial(honest).state == "pruned"
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed between the ban and the judging")
+
+    monkeypatch.setattr(HyperparameterSearchTask, "_rejudge", killed)
+    with pytest.raises(SystemExit):
+        task.ban("liar", "a check failed")
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    resumed = HyperparameterSearchTask.load(tmp_path / "copy")
+    assert resumed.store.trial(honest).state == "running" and resumed.schedule.waiting[honest] == 1
+    assert resumed.store.rejudge_pending() == {}  # judged once: a second resume does not judge it again
+    resumed.store.close()
+    assert HyperparameterSearchTask.load(tmp_path / "copy").schedule.waiting[honest] == 1
+
+
 # Only the smallest `a` survives training beyond the first rung; a single worker meets it after larger ones.
 _DIVERGES = ("def fit_and_score(params, X_train, y_train, X_valid, y_valid, seed):\n"
              "    if params['n'] > 1 and params['a'] > 0.15:\n"
