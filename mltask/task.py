@@ -256,7 +256,7 @@ class HyperparameterSearchTask:
             size = self._next_batch_size()
             if self.schedule is not None:
                 size = math.ceil(self.n_trials / self.subtasks_count)
-                trials = [self._rung_spec(self.store.trial(n), rung) for n, rung in self.schedule.take(size)]
+                trials = [self._spec(self.store.trial(n), rung) for n, rung in self.schedule.take(size)]
             for _ in range(min(size - len(trials), self.n_trials - self._asked)):
                 trial = self.study.ask()
                 params = self.definition.options.search_space.sample(trial)
@@ -324,15 +324,15 @@ class HyperparameterSearchTask:
         done = self.store.top_rung(number)
         return self._first_rung(number) if done is None else done + 1
 
-    def _rung_spec(self, row: TrialRow, rung: int) -> TrialSpec:
-        assert self.schedule is not None
-        return TrialSpec(number=row.number, params=row.params, seed=row.seed, resource=self.schedule.resources[rung])
+    def _spec(self, row: TrialRow, rung: int | None) -> TrialSpec:
+        """Trial ``row`` to evaluate: its parameters and seed, and (multi-fidelity) ``rung``'s resource."""
+        resource = None if self.schedule is None or rung is None else self.schedule.resources[rung]
+        return TrialSpec(number=row.number, params=row.params, seed=row.seed, resource=resource)
 
     def trial_spec(self, row: TrialRow) -> TrialSpec:
         """The evaluation a stored trial row holds, as it was sent: at its rung's resource (multi-fidelity)."""
-        if self.schedule is None or row.subtask_id is None:
-            return TrialSpec(number=row.number, params=row.params, seed=row.seed)
-        return self._rung_spec(row, self.store.rung_of(row.number, row.subtask_id))
+        held = self.schedule is not None and row.subtask_id is not None
+        return self._spec(row, self.store.rung_of(row.number, row.subtask_id) if held else None)
 
     def claims(self, numbers: set[int], subtask_id: str) -> tuple[dict[int, TrialSpec], dict[int, TrialResult]] | None:
         """What ``subtask_id`` claimed for trials ``numbers``, with the specs it answered; ``None`` once reopened.
@@ -349,7 +349,7 @@ class HyperparameterSearchTask:
         rungs = {r["number"]: r for r in self.store.rungs_of(subtask_id)}
         if not numbers <= set(rungs):
             return None
-        return ({n: self._rung_spec(self.store.trial(n), rungs[n]["rung"]) for n in numbers},
+        return ({n: self._spec(self.store.trial(n), rungs[n]["rung"]) for n in numbers},
                 {n: TrialResult.model_validate(rungs[n]["result"]) for n in numbers})
 
     def _system_attrs(self) -> dict[str, Any]:
@@ -692,14 +692,10 @@ class HyperparameterSearchTask:
         for attempt, numbers in dict.fromkeys(last_batch.values()):
             # Each trial once, in the batch it was last sent in: a multi-fidelity trial was sent in
             # several (a rung each, in other company), and queued in each it would run a rung twice.
-            trials = [self._requeued_spec(rows[n]) for n in numbers if last_batch.get(n) == (attempt, numbers)]
+            # A running trial is sent again with the same parameters and seed, at the rung it is at.
+            trials = [self._spec(rows[n], None if self.schedule is None else self._next_rung(n))
+                      for n in numbers if last_batch.get(n) == (attempt, numbers)]
             self._requeued.append(_Batch(trials, attempt))
-
-    def _requeued_spec(self, row: TrialRow) -> TrialSpec:
-        """A running trial sent again: same parameters and seed, and (multi-fidelity) the rung it is at."""
-        if self.schedule is None:
-            return TrialSpec(number=row.number, params=row.params, seed=row.seed)
-        return self._rung_spec(row, self._next_rung(row.number))
 
     def record_verdict(self, verdict: Any) -> None:
         self.store.add_verdict(verdict.subtask_id, verdict.provider, verdict.ok, verdict.kind, verdict.checked,
