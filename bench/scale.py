@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 import os
 import random
@@ -149,7 +150,11 @@ def simulate(providers: int, trials: int, seed: int, scratch: Path, shape: Shape
         status = drive(task, backend, timeout=10**9, verifier=verifier, on_update=watch)
         if status != "finished":
             raise RuntimeError(f"the simulated search stopped: {status}")
-        return measure(task, backend, liars)
+        figures = measure(task, backend, liars)
+        figures.check_costs = check_costs(task, backend, liars)
+        policy = getattr(verifier, "policy", None)
+        figures.believed = None if policy is None else (policy.spent + policy.committed, policy.useful)
+        return figures
     finally:
         task.store.close()
         shutil.rmtree(out, ignore_errors=True)
@@ -165,6 +170,46 @@ def simulated_verifier(task: Any, backend: Any) -> Any:
         return make_verifier(task)
     workers = task.definition.options.verification.referee_workers
     return Verifier(task, SimReferee(backend, task.problem, task.resources_dir, workers), clock=backend.clock)
+
+
+def check_costs(task: Any, backend: Any, liars: Collection[str]) -> dict[str, float]:
+    """Reference-core seconds of check subtasks (as the providers running them were charged),
+    by the kind of check they ran ("failure", "spot", ...), by fate ("answered", "lost": a fault
+    or a banned checker, "wrong", "discarded": the checked provider was banned meanwhile), and
+    by whether the checked provider lies ("of liars"); keys "kind:<k>", "fate:<f>", "liars"."""
+    kinds: dict[frozenset[int], set[str]] = {}
+    for check in task.store.checks():
+        kinds.setdefault(frozenset(n for n, _ in check["units"]), set()).add(
+            f"{check['kind']}{'' if check['provider'] not in liars else '@liar'}")
+    out: dict[str, float] = {}
+    for sub in task.store.subtasks("check"):
+        cost = backend.ledger.cost.get(sub["subtask_id"], 0.0)
+        found = kinds.get(frozenset(json.loads(sub["trial_numbers"])), {"unknown"})
+        kind = min(found) if len(found) == 1 else "ambiguous"
+        wrong = sub["state"] == "rejected" and "trial " in (sub.get("reason") or "")  # else a fault or a ban
+        fate = "wrong" if wrong else {"checked": "answered", "rejected": "lost"}.get(sub["state"], sub["state"])
+        for key in (f"kind:{kind.split('@')[0]}", f"fate:{fate}", *(["liars"] if kind.endswith("@liar") else [])):
+            out[key] = out.get(key, 0.0) + cost
+    return out
+
+
+def _checks(figures: list[Any]) -> str:
+    """Check subtasks' compute by kind and fate, as shares of useful compute; and what the policy believed."""
+    useful = sum(f.useful for f in figures)
+    total: dict[str, float] = {}
+    for fig in figures:
+        for key, seconds in getattr(fig, "check_costs", {}).items():
+            total[key] = total.get(key, 0.0) + seconds
+    parts = [f"{key.split(':')[1]} {100 * seconds / useful:.2f}%" for key, seconds in sorted(total.items())
+             if key.startswith("kind:")]
+    fates = [f"{key.split(':')[1]} {100 * seconds / useful:.2f}%" for key, seconds in sorted(total.items())
+             if key.startswith("fate:")]
+    believed = [f.believed for f in figures if getattr(f, "believed", None)]
+    belief = "" if not believed else (
+        f"; the policy believed it spent {100 * sum(b[0] for b in believed) / sum(b[1] for b in believed):.2f}% "
+        f"of a useful {sum(b[1] for b in believed) / useful:.3f}x the bench's")
+    return (f"check subtasks: {', '.join(parts) or 'none'} ({', '.join(fates)}; of liars' work "
+            f"{100 * total.get('liars', 0.0) / useful:.2f}%){belief}")
 
 
 def kind_of(name: str) -> str:
@@ -199,7 +244,7 @@ def report(figures: list[Any], seconds: float) -> list[str]:
         f"faked results left: {sum(f.faked_left > 0 for f in figures)}{by}; trials lost to retries: "
         f"{sum(f.lost for f in figures)}; virtual makespan {sum(f.makespan for f in figures) / runs / 3600:.1f} h, "
         f"{sum(f.makespan * f.providers / f.useful for f in figures) / runs:.1f}x the search's compute per provider; "
-        f"requestor compute: {_requestor(figures)}",
+        f"requestor compute: {_requestor(figures)}; {_checks(figures)}",
         f"scale: providers={figures[0].providers} trials={figures[0].trials} provider_busy={busy:.2f} "
         f"requestor_cores={cores:.2g} overhead={100 * overhead:.1f}% "
         f"caught={100 * caught / eligible if eligible else 100:.0f}% faked_left={sum(f.faked_left for f in figures)} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mltask.check_policy import WARMUP_CATCH, WARMUP_FAKES, CheckPolicy
+from mltask.check_policy import PACE_TARGET, WARMUP_CATCH, WARMUP_FAKES, CheckPolicy
 from mltask.protocol import TrialResult
 from mltask.space import SearchSpace
 
@@ -59,3 +59,45 @@ def test_contenders_are_checked_until_their_provider_passed_a_check() -> None:
     assert [p.kind for p in policy.plan("a", _trials([0.9], first=1), 1.0)] == ["contender"]  # the first is out
     policy.passed("a")
     assert policy.plan("a", _trials([0.95], first=2), 1.0) == []  # the best's final re-run guards it now
+
+
+def _spend(policy: CheckPolicy, providers: int, subtasks: int, seed: int = 0) -> float:
+    """Drive ``policy`` through ``subtasks`` accepted subtasks of 5 trials x 5 folds (a unit costs
+    1 s) from ``providers`` providers in turn, each check charged what it was estimated to cost;
+    the share of useful compute it spent."""
+    import random
+
+    rng = random.Random(seed)
+    for s in range(subtasks):
+        trials = [TrialResult(number=5 * s + i, params={"C": rng.uniform(0.01, 10.0)}, seed=i, status="ok",
+                              fold_scores=[score] * 5, mean_score=score, std_score=0.0)
+                  for i, score in enumerate(rng.gauss(0.8, 0.05) for _ in range(5))]
+        for plan in policy.plan(f"p{s % providers}", trials, 25.0):
+            units = sum(5 if fold is None else 1 for _, fold in plan.units)
+            policy.charge(float(units), policy.estimate(plan.units), units)
+    return policy.spent / policy.useful
+
+
+def test_pacing_holds_the_target_however_much_is_mandatory() -> None:
+    """Regression: pacing was proportional (``pace = 2 - spent / allowed``), so it settled where
+    the paced samples plus the unpaced warm-ups met it, above the target: with as many providers
+    as subtasks / 8 (as bench/scale.py at 500 providers) 4.74% of useful compute by its own tally
+    for a target of 4.5%, and more the more it did not pace (bench/scale.py: 5.4% at 500 providers,
+    6.1% at 5,000; issue 11's goal is 5%)."""
+    target = PACE_TARGET * 0.05
+    for providers in (20, 250):
+        spent = _spend(_policy(budget=0.05), providers, 2000)
+        assert target * 0.95 < spent <= target * 1.02, (providers, spent)
+
+
+def test_a_banned_providers_work_leaves_the_useful_compute_checks_are_paced_by() -> None:
+    """Regression: a ban voids a provider's accepted work (it is done again elsewhere, and the
+    overhead reported counts accepted work only), but the policy kept it in ``useful``, so the
+    banned provider's fakes still bought checks of everyone else."""
+    policy = _policy(budget=0.05)
+    policy.plan("liar", _trials([0.9, 0.8]), 100.0)
+    policy.plan("honest", _trials([0.7, 0.6], first=2), 40.0)
+    policy.forget("liar")
+    assert policy.useful == 40.0
+    policy.forget("liar")  # banned twice (a checker and a claim): counted once
+    assert policy.useful == 40.0

@@ -51,6 +51,17 @@ def test_the_store_accounts_for_every_requestor_rerun(runs: list) -> None:
         assert sum(fig.requestor_records.values()) == pytest.approx(fig.requestor_cores * fig.makespan, rel=1e-9)
 
 
+def test_the_check_breakdown_covers_every_check_subtask(runs: list) -> None:
+    """bench/scale.py's breakdown of check subtasks by kind and by fate adds up to what the overhead counts."""
+    for fig in runs:
+        kinds = sum(v for k, v in fig.check_costs.items() if k.startswith("kind:"))
+        fates = sum(v for k, v in fig.check_costs.items() if k.startswith("fate:"))
+        assert kinds == pytest.approx(fates) == pytest.approx(fig.overhead * fig.useful
+                                                              - fig.requestor_cores * fig.makespan)
+        assert fig.believed is not None and fig.believed[1] > 0
+    assert "check subtasks: " in report(runs, 1.0)[0]
+
+
 def test_blatant_fakers_are_caught_and_honest_providers_are_not(runs: list) -> None:
     for fig in runs:
         assert set(fig.faked) == set(BLATANT)
