@@ -265,8 +265,13 @@ class Verifier:
             handed[provider] = subtask
         return handed
 
-    def poll(self, timeout: float = 0.0) -> None:
-        """Collect the referee's re-runs (waiting up to ``timeout`` s); start the checks it owes."""
+    def poll(self, timeout: float = 0.0, spare_cores: int = 0) -> None:
+        """Collect the referee's re-runs (waiting up to ``timeout`` s); start the checks it owes.
+
+        ``spare_cores``: cores of this machine the backend's providers leave idle
+        (:meth:`~mltask.backends.base.Backend.spare_cores`), lent to the referee meanwhile.
+        """
+        self.referee.lend(spare_cores)
         now = self.clock()
         patience = self._patience()
         for check in list(self._checks.values()):
