@@ -4,7 +4,11 @@ The requestor is the one party that trusts itself, so it re-runs what must not b
 a provider: a check where two providers disagree, every trial a provider says failed, and
 the best trial before it is reported. It does so in ``verification.referee_workers``
 processes (default 1), which the scheduler polls and never waits on: handing out and
-collecting subtasks goes on while a re-run takes minutes.
+collecting subtasks goes on while a re-run takes minutes. Where the backend's providers are
+this machine's own processes (the local backend), the cores they leave idle are lent to the
+pool (:meth:`Referee.lend`), and a re-run's folds, split into separate jobs, run on them at
+once: the best's final re-run no longer runs its folds one after another on one process
+while the workers that could share them sit idle.
 
 The workers are forked by the same kind of server as the local backend's
 (:mod:`mltask.backends.forkserver`), not by :mod:`multiprocessing`, whose start methods
