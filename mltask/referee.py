@@ -164,7 +164,7 @@ class RefereePool:
         For cores the backend's providers leave idle on this machine (see
         :meth:`mltask.backends.base.Backend.spare_cores`): the best's final re-run, split by
         fold, then takes them instead of running its folds one after another on one process.
-        A job started on a lent process runs to its end when the loan shrinks; no new one starts.
+        A job started on a lent core runs to its end when the loan shrinks; no new one starts.
         """
         self._lent = cores
 
@@ -202,20 +202,22 @@ class RefereePool:
             from mltask.runner import preload_modules  # the local workers' imports; runner imports us
 
             self._server = ForkServer(["mltask.provider", *preload_modules(self._problem)])
-        width = max(self._size, self._lent) if self._server is not None else 0
-        for worker in [w for w in self._workers if w.job is None][: max(0, len(self._workers) - width)]:
-            self._retire(worker)  # a loan ended: its idle process goes
-        while self._queue and len(self._workers) < width:
-            self._workers.append(self._fork())
-        for worker in self._workers:
-            if worker.job is None and self._queue:
-                part = next(iter(self._queue))
-                worker.job = (part, self._queue.pop(part))
-                worker.started = time.monotonic()
-                try:
-                    worker.conn.send_bytes(dumps(worker.job[1]).encode())
-                except OSError:  # it died just now: poll() sees it and sends the job again
-                    pass
+        width = max(self._size, self._lent)
+        busy = sum(w.job is not None for w in self._workers)
+        idle = [w for w in self._workers if w.job is None]
+        while self._queue and busy < width:
+            if not idle:  # a lent core: one more process (kept once idle: a process holds no core)
+                self._workers.append(self._fork())
+                idle.append(self._workers[-1])
+            worker = idle.pop(0)
+            part = next(iter(self._queue))
+            worker.job = (part, self._queue.pop(part))
+            worker.started = time.monotonic()
+            busy += 1
+            try:
+                worker.conn.send_bytes(dumps(worker.job[1]).encode())
+            except OSError:  # it died just now: poll() sees it and sends the job again
+                pass
 
     def _spent(self, key: Hashable, now: float) -> float:
         """Seconds the re-run's folds have taken so far, running ones included."""
@@ -253,7 +255,9 @@ class RefereePool:
                 assert self._server is not None
                 code = self._server.exit_code(worker.pid, timeout=5)
                 self._replace(worker)
-                if (key, fold) not in self._died:
+                if self._reruns[key].dropped:  # cancelled: nothing to run again
+                    pass
+                elif (key, fold) not in self._died:
                     self._died.add((key, fold))
                     self._queue = {(key, fold): trial, **self._queue}
                 else:  # the trial kills its process (os._exit, a segfault), as it did on the providers
@@ -297,12 +301,6 @@ class RefereePool:
             del self._reruns[key]
             done.append((key, result, spent))
         return done
-
-    def _retire(self, worker: _Worker) -> None:
-        assert self._server is not None
-        self._server.kill(worker.pid)
-        worker.conn.close()
-        self._workers.remove(worker)
 
     def _replace(self, worker: _Worker) -> None:
         assert self._server is not None

@@ -463,8 +463,10 @@ class Verifier:
             if planned["kind"] in _SAMPLED:  # its provider's warm-up check is planned
                 self.policy.provider(planned["provider"]).checked = True
             specs, claims = claimed
-            self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
-                      planned["id"])
+            check = self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
+                              planned["id"])
+            if check.kind == "best":  # not planned a second time (it may have started before the search's end)
+                self._best = check.id
 
     def _pick_checker(self, check: _Check) -> str | None:
         for _ in range(8 if self._seen else 0):  # a few uniform draws find one, without listing thousands
