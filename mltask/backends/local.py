@@ -77,6 +77,7 @@ class LocalBackend(SlotBackend):
 
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         slot = self._idle_slot(provider)
+        self._offered.discard(provider)  # given work: not spare, even once it has finished it
         if slot.conn.poll():  # an idle worker says nothing: this is the end of a worker that died idle
             self._replace(slot)
         slot.hand(subtask, timeout)
