@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from mltask import run_task
+from mltask.backends.local import LocalBackend
 from mltask.definition import parse_definition
 from mltask.protocol import TrialResult, TrialSpec, dumps
 from mltask.referee import RefereePool, rerun
+from mltask.runner import preload_modules
 from mltask.task import HyperparameterSearchTask
 from tests.support import results, task_dict
 
@@ -126,3 +128,21 @@ def test_the_best_s_final_re_run_takes_the_idle_workers_cores(tmp_path: Path) ->
     local = max(parents, key=parents.__getitem__)  # every trial ran on the local workers; few on the referee
     referee = {pid for pid, parent, seed, *_ in calls if parent != local and seed == best["seed"]}
     assert len(referee) >= 2
+
+
+def test_only_local_workers_offered_work_and_given_none_are_spare(tmp_path: Path) -> None:
+    """Regression: a worker given a subtask that it finished within the same wait counted as spare, so
+    the referee took its core (and re-ran the best so far) in the middle of a search."""
+    task = _task(tmp_path, task_dict())
+    with LocalBackend(workers=2, preload=preload_modules(task.problem)) as backend:
+        backend.start(task.resources_dir, tmp_path / "scratch")
+        assert backend.idle_providers() == ["local-0", "local-1"] and backend.spare_cores() == 2
+        subtask = task.next_subtask("local-0")
+        assert subtask is not None
+        backend.submit("local-0", subtask, 60)
+        deadline = time.monotonic() + 60
+        while not backend.wait(0.5):
+            assert time.monotonic() < deadline
+        assert backend.spare_cores() == 1  # local-0 is idle again, but it is offered work first
+        backend.idle_providers()
+        assert backend.spare_cores() == 2
