@@ -96,6 +96,6 @@ def _run(
                 verifier.collect(completion, seconds_out)
             else:
                 verifier.settle(completion, seconds_out)
-        verifier.poll(timeout=0.0 if sent or completions else _POLL_SECONDS)
+        verifier.poll(timeout=0.0 if sent or completions else _POLL_SECONDS, spare_cores=backend.spare_cores())
         on_update(task.progress())
 

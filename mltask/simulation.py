@@ -406,6 +406,9 @@ class SimReferee:
     def pending(self) -> int:
         return len(self._done)
 
+    def lend(self, cores: int) -> None:
+        """Nothing: the simulated providers are other machines, and lend no core (see Backend.spare_cores)."""
+
     def close(self) -> None:
         self._done.clear()
 

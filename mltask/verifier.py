@@ -265,8 +265,13 @@ class Verifier:
             handed[provider] = subtask
         return handed
 
-    def poll(self, timeout: float = 0.0) -> None:
-        """Collect the referee's re-runs (waiting up to ``timeout`` s); start the checks it owes."""
+    def poll(self, timeout: float = 0.0, spare_cores: int = 0) -> None:
+        """Collect the referee's re-runs (waiting up to ``timeout`` s); start the checks it owes.
+
+        ``spare_cores``: cores of this machine the backend's providers leave idle
+        (:meth:`~mltask.backends.base.Backend.spare_cores`), lent to the referee meanwhile.
+        """
+        self.referee.lend(spare_cores)
         now = self.clock()
         patience = self._patience()
         for check in list(self._checks.values()):
@@ -293,6 +298,8 @@ class Verifier:
             self.policy.charge(seconds, check.estimate, 0)
             check.estimate = 0.0
             self._referee_answer(check, number, result)
+        if spare_cores and not self.referee.pending():
+            self.best_verified()  # the best so far, re-run now on cores nothing else wants (see best_verified)
 
     def close(self) -> None:
         self.referee.close()
@@ -365,7 +372,15 @@ class Verifier:
     # -- the best trial -------------------------------------------------------------------
 
     def best_verified(self) -> bool:
-        """Whether the best trial has passed a full re-run; starts that re-run if not."""
+        """Whether the best trial has passed a full re-run; starts that re-run if not.
+
+        The scheduler asks once the search is over; :meth:`poll` asks earlier, whenever the
+        backend's providers leave cores of this machine idle (a search's tail, where the last
+        trials run and nothing else is left to hand out) and the referee has nothing to do: the
+        best so far is then re-run on those cores while the last trials run, and if it stays
+        the best, the search ends without a serial re-run after it. One that a later trial beats
+        was re-run for nothing but idle cores; the new best is re-run in its turn.
+        """
         row = self.task.best_trial()
         if row is None or row.verified == "full" or not self.options.verify_best:
             return True
@@ -448,8 +463,10 @@ class Verifier:
             if planned["kind"] in _SAMPLED:  # its provider's warm-up check is planned
                 self.policy.provider(planned["provider"]).checked = True
             specs, claims = claimed
-            self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
-                      planned["id"])
+            check = self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
+                              planned["id"])
+            if check.kind == "best":  # not planned a second time (it may have started before the search's end)
+                self._best = check.id
 
     def _pick_checker(self, check: _Check) -> str | None:
         for _ in range(8 if self._seen else 0):  # a few uniform draws find one, without listing thousands

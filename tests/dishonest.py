@@ -640,6 +640,9 @@ class InlineReferee:
     def pending(self) -> int:
         return len(self._done)
 
+    def lend(self, cores: int) -> None:
+        """Nothing: re-runs here take no process of their own."""
+
     def close(self) -> None:
         self._done.clear()
 

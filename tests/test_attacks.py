@@ -194,7 +194,7 @@ class _CountingPool(RefereePool):
 
     def cancel(self, keys: Any) -> set[Any]:
         """A cancelled re-run that had not started cost nothing: it is not counted."""
-        numbers = {key: self._queue[key].number for key in keys if key in self._queue}
+        numbers = {key: self._reruns[key].trial.number for key in keys if key in self._reruns}
         dropped = super().cancel(keys)
         for key in dropped:
             self.submitted.remove(numbers[key])

@@ -105,8 +105,9 @@ def test_problem_is_built_once_per_worker(tmp_path: Path) -> None:
     assert doc["counts"]["complete"] == 12
     pids = [int(p) for p in (tmp_path / "out" / "imports.log").read_text().split()]
     workers = [p for p in pids if p != os.getpid()]  # the requestor imports it to validate
-    # 6 subtasks, but each worker built the problem once (a third process: the requestor's referee pool)
-    assert len(workers) == len(set(workers)) and len(set(workers)) in (2, 3)
+    # 6 subtasks, but each worker built the problem once (a third and a fourth process: the requestor's
+    # referee pool, which the idle workers' cores let grow to 2 for the best's re-run)
+    assert len(workers) == len(set(workers)) and len(set(workers)) in (2, 3, 4)
 
 
 @pytest.mark.slow

@@ -96,6 +96,19 @@ class Backend(abc.ABC):
     def idle_providers(self) -> list[str]:
         """Providers ready for a subtask now."""
 
+    def spare_cores(self) -> int:
+        """Cores of the requestor's machine that this backend's providers hold but leave unused now.
+
+        The requestor's re-runs may take them (:meth:`mltask.referee.Referee.lend`): at the end
+        of a search the best's final re-run, split by fold, runs on the idle workers' cores
+        rather than on one referee process. 0 unless the providers are the requestor's own
+        processes (the local backend): docker's containers may run on another daemon
+        (``DOCKER_HOST``) and under CPU limits of their own, and Golem providers are other
+        machines, so their idleness frees nothing here and the requestor keeps
+        ``verification.referee_workers``.
+        """
+        return 0
+
     @abc.abstractmethod
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         """Start ``subtask`` on an idle ``provider``; it is killed after ``timeout`` seconds."""

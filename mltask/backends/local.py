@@ -43,6 +43,18 @@ class LocalBackend(SlotBackend):
         self._slots: list[_Slot] = []
         self._resources: Path | None = None
         self._server = ForkServer(self._preload)
+        self._offered: set[str] = set()  # idle at the last idle_providers()
+
+    def idle_providers(self) -> list[str]:
+        idle = super().idle_providers()
+        self._offered = set(idle)
+        return idle
+
+    def spare_cores(self) -> int:
+        """Workers offered work at the last :meth:`idle_providers` and given none, still idle: their
+        cores are this machine's and nothing wants them (one that just finished is not counted: it
+        is offered work first)."""
+        return sum(s.subtask is None and s.name in self._offered for s in self._slots)
 
     def start(self, resources_dir: Path, scratch_dir: Path) -> None:
         self._resources = resources_dir
@@ -65,6 +77,7 @@ class LocalBackend(SlotBackend):
 
     def submit(self, provider: str, subtask: SubtaskDefinition, timeout: float) -> None:
         slot = self._idle_slot(provider)
+        self._offered.discard(provider)  # given work: not spare, even once it has finished it
         if slot.conn.poll():  # an idle worker says nothing: this is the end of a worker that died idle
             self._replace(slot)
         slot.hand(subtask, timeout)
