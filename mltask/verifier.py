@@ -298,8 +298,6 @@ class Verifier:
             self.policy.charge(seconds, check.estimate, 0)
             check.estimate = 0.0
             self._referee_answer(check, number, result)
-        if spare_cores and not self.referee.pending():
-            self.best_verified()  # the best so far, re-run now on cores nothing else wants (see best_verified)
 
     def close(self) -> None:
         self.referee.close()
@@ -372,15 +370,7 @@ class Verifier:
     # -- the best trial -------------------------------------------------------------------
 
     def best_verified(self) -> bool:
-        """Whether the best trial has passed a full re-run; starts that re-run if not.
-
-        The scheduler asks once the search is over; :meth:`poll` asks earlier, whenever the
-        backend's providers leave cores of this machine idle (a search's tail, where the last
-        trials run and nothing else is left to hand out) and the referee has nothing to do: the
-        best so far is then re-run on those cores while the last trials run, and if it stays
-        the best, the search ends without a serial re-run after it. One that a later trial beats
-        was re-run for nothing but idle cores; the new best is re-run in its turn.
-        """
+        """Whether the best trial has passed a full re-run; starts that re-run if not."""
         row = self.task.best_trial()
         if row is None or row.verified == "full" or not self.options.verify_best:
             return True
