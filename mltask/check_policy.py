@@ -69,6 +69,7 @@ nothing a provider sees or can compute predicts which of its results will be che
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import secrets
 from collections.abc import Collection
@@ -95,6 +96,7 @@ PACE_TARGET = 0.9
 WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
 WARMUP_CATCH = 0.99  # ...with this probability
 WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
+WARMUP_TRIALS = 2  # the warm-up lasts until checks were planned on this many distinct trials of the provider
 CONTENDER_TRUST = 1  # contenders are checked until their provider has passed this many checks
 _EMA = 0.05
 
@@ -109,15 +111,16 @@ class Plan:
 
 @dataclass
 class _Provider:
-    checked: bool = False  # a sampled check was planned on it
+    warmed: int = 0  # distinct trials of it a sampled check was planned on
     passed: int = 0  # checks passed
     scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
     suspect_at: int = -1  # len(scores) when last tested
     suspect: bool = False
 
     def warming_up(self) -> bool:
-        """Whether no check of it has passed or been planned yet: see ``WARMUP_RATE``."""
-        return self.passed == 0 and not self.checked
+        """Whether checks were planned on fewer than ``WARMUP_TRIALS`` of its trials (or, after a resume,
+        fewer of its checks passed, planned ones being unknown then): see ``WARMUP_RATE``."""
+        return self.warmed < WARMUP_TRIALS and self.passed < WARMUP_TRIALS
 
     def risk(self) -> float:
         base = max(RISK_FLOOR, RISK_HALF / (RISK_HALF + self.passed))
@@ -218,13 +221,46 @@ class CheckPolicy:
                  * self._pace())
             if record.warming_up():
                 m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
-        k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
+        k = int(m) + (self.rng.random() < m - int(m))
+        if k and record.warming_up():  # on distinct trials (_weighted_units): see WARMUP_TRIALS
+            k = max(k, min(len(ok), WARMUP_TRIALS - record.warmed))
+        k = min(len(ok) * self.folds, k)
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
-        record.checked = record.checked or bool(units)
+        if self.budget > 0 and self.rng.random() < record.risk():
+            chosen = {n for n, _ in units}
+            units += [(n, fold) for n, fold in self._copies(ok) if n not in chosen]
+        record.warmed += len({n for n, _ in units})
         return units
+
+    def _copies(self, ok: list[TrialResult]) -> list[Unit]:
+        """One fold of two trials of the subtask that claim the same fold scores for different configurations.
+
+        Training one configuration and reporting its result (scores, and fingerprints too, or
+        not) for others is the cheapest partial fake, and leaves this trace: identical
+        predictions give identical fold scores. Of two trials claiming one computation at most
+        one is its own unless the configurations truly behave the same (a parameter with no
+        effect), in which case both pass: so checking two of them catches a copier for certain.
+        A reason to check, never to ban. Asked with the provider's risk as probability (1 until
+        it has passed a check, then down to ``RISK_FLOOR``): a copier from its first subtask on
+        is checked there for certain, a patient one in each subtask it copies in with
+        probability 0.2 or more; an honest provider pays two units times its risk per subtask
+        with real duplicates (configurations that predict alike: 25% of the subtasks of the
+        tests' 12-configuration decision tree on iris, none on continuous scores), nothing
+        otherwise. The scores, not the fingerprints: a copier may make up fingerprints, and
+        equal predictions mean equal scores. Configurations, not trials: a configuration drawn
+        twice may honestly give the same scores under any seed.
+        """
+        groups: dict[tuple[float, ...], dict[str, int]] = {}
+        for t in ok:
+            groups.setdefault(tuple(t.fold_scores), {}).setdefault(json.dumps(t.params, sort_keys=True), t.number)
+        copies = [list(group.values()) for group in groups.values() if len(group) > 1]
+        if not copies:
+            return []
+        fold = self.rng.randrange(self.folds)
+        return [(n, fold) for n in self.rng.sample(self.rng.choice(copies), 2)]
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
         """The subtask's top trials (all that tie for its top score) if they beat every settled one

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mltask.check_policy import WARMUP_CATCH, WARMUP_FAKES, CheckPolicy
+from mltask.check_policy import WARMUP_CATCH, WARMUP_FAKES, WARMUP_TRIALS, CheckPolicy
 from mltask.protocol import TrialResult
 from mltask.space import SearchSpace
 
@@ -59,3 +59,55 @@ def test_contenders_are_checked_until_their_provider_passed_a_check() -> None:
     assert [p.kind for p in policy.plan("a", _trials([0.9], first=1), 1.0)] == ["contender"]  # the first is out
     policy.passed("a")
     assert policy.plan("a", _trials([0.95], first=2), 1.0) == []  # the best's final re-run guards it now
+
+
+def _settled_policy(provider: str) -> CheckPolicy:
+    """A policy whose budget affords nothing, with a best above what ``provider`` reports (no contender),
+    and ``provider`` past its warm-up: whatever it plans comes from the rule under test."""
+    policy = _policy(budget=1e-9)
+    policy.plan("top", _trials([0.99], first=10**6), 1.0)
+    policy.provider(provider).warmed = WARMUP_TRIALS
+    return policy
+
+
+def test_trials_claiming_one_computation_for_different_configurations_are_checked_in_pairs() -> None:
+    """Regression: a provider that trains one configuration of a subtask and copies its scores (and
+    fingerprints) onto the others was caught only when a sampled check landed on a copy (14 of 30
+    harness runs). Now one fold of two of the trials claiming the same fold scores is checked: at most
+    one of them is its own computation, so one of the two is a copy, unless the configurations truly
+    behave the same (then both pass). Certainly while the provider has passed no check; with its risk as
+    probability once trusted (down to 0.2), so honest duplicates cost little."""
+    policy = _settled_policy("a")
+    for i in range(50):
+        copies = _trials([0.5, 0.5, 0.5, 0.4], first=4 * i)
+        units = [u for plan in policy.plan("a", copies, 1.0) for u in plan.units]
+        assert len(units) == 2 and len({n for n, _ in units}) == 2, units
+        assert {n for n, _ in units} <= {4 * i, 4 * i + 1, 4 * i + 2} and len({f for _, f in units}) == 1
+    assert policy.plan("a", _trials([0.5, 0.6, 0.4], first=200), 1.0) == []  # different scores: nothing
+    same = [TrialResult(number=300 + i, params={"C": 2.0}, seed=i, status="ok", fold_scores=[0.5] * 5,
+                        mean_score=0.5, std_score=0.0) for i in range(2)]
+    assert policy.plan("a", same, 1.0) == []  # one configuration drawn twice: equal scores are no sign
+    for _ in range(100):
+        policy.passed("a")  # trusted: risk 0.2
+    checked = sum(bool(policy.plan("a", _trials([0.5, 0.5], first=400 + 2 * i), 1.0)) for i in range(400))
+    assert 40 < checked < 120  # 80 expected; the bounds are 4.5 standard errors away
+
+
+def test_the_warm_up_checks_two_distinct_trials_of_each_provider() -> None:
+    """Regression: the warm-up checked one unit per provider, so a provider faking all but one trial of
+    each subtask (the replaying adversary trains one and reports its fold scores, give or take 0.01, for
+    the others) passed it with probability 1/4 and lowered the reported best in 2 of 55 harness runs.
+    Now its first warm-up check takes two distinct trials of the subtask, one of them a fake, and an
+    honest provider pays two units for its warm-up, no more."""
+    policy = _policy(budget=1e-9)
+    policy.plan("top", _trials([0.99], first=10**6), 1.0)
+    for p in range(150):
+        checked = [{n for plan in policy.plan(f"p{p}", _trials([0.5, 0.4, 0.3, 0.2], first=100 * p + 4 * i), 1.0)
+                    for n, _ in plan.units} for i in range(10)]
+        assert len(next(c for c in checked if c)) == WARMUP_TRIALS
+        assert sum(len(c) for c in checked) == WARMUP_TRIALS
+    single = _policy(budget=1e-9, folds=1)  # one trial per subtask: the second comes from a later subtask
+    single.plan("top", _trials([0.99], first=10**6), 1.0)
+    for p in range(50):
+        assert sum(len(plan.units) for i in range(40)
+                   for plan in single.plan(f"p{p}", _trials([0.5], first=100 * p + i), 1.0)) == WARMUP_TRIALS
