@@ -96,7 +96,7 @@ PACE_TARGET = 0.9
 WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
 WARMUP_CATCH = 0.99  # ...with this probability
 WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
-WARMUP_TRIALS = 2  # the warm-up lasts until checks were planned on this many distinct trials of the provider
+WARMUP_TRIALS = 2  # distinct trials its check takes where the subtask has them (a partial faker keeps one honest)
 CONTENDER_TRUST = 1  # contenders are checked until their provider has passed this many checks
 _EMA = 0.05
 
@@ -111,16 +111,15 @@ class Plan:
 
 @dataclass
 class _Provider:
-    warmed: int = 0  # distinct trials of it a sampled check was planned on
+    checked: bool = False  # a sampled check was planned on it
     passed: int = 0  # checks passed
     scores: list[float] = field(default_factory=list)  # signed claimed scores (higher is better)
     suspect_at: int = -1  # len(scores) when last tested
     suspect: bool = False
 
     def warming_up(self) -> bool:
-        """Whether checks were planned on fewer than ``WARMUP_TRIALS`` of its trials (or, after a resume,
-        fewer of its checks passed, planned ones being unknown then): see ``WARMUP_RATE``."""
-        return self.warmed < WARMUP_TRIALS and self.passed < WARMUP_TRIALS
+        """Whether no check of it has passed or been planned yet: see ``WARMUP_RATE``."""
+        return self.passed == 0 and not self.checked
 
     def risk(self) -> float:
         base = max(RISK_FLOOR, RISK_HALF / (RISK_HALF + self.passed))
@@ -223,7 +222,7 @@ class CheckPolicy:
                 m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
         k = int(m) + (self.rng.random() < m - int(m))
         if k and record.warming_up():  # on distinct trials (_weighted_units): see WARMUP_TRIALS
-            k = max(k, min(len(ok), WARMUP_TRIALS - record.warmed))
+            k = max(k, min(len(ok), WARMUP_TRIALS))
         k = min(len(ok) * self.folds, k)
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
@@ -232,7 +231,7 @@ class CheckPolicy:
         if self.budget > 0 and self.rng.random() < record.risk():
             chosen = {n for n, _ in units}
             units += [(n, fold) for n, fold in self._copies(ok) if n not in chosen]
-        record.warmed += len({n for n, _ in units})
+        record.checked = record.checked or bool(units)
         return units
 
     def _copies(self, ok: list[TrialResult]) -> list[Unit]:

@@ -445,8 +445,8 @@ class Verifier:
             if claimed is None:
                 store.resolve_check(planned["id"], "cancelled")  # reopened since: nothing left to check
                 continue
-            if planned["kind"] in _SAMPLED:  # its provider's warm-up checks are planned
-                self.policy.provider(planned["provider"]).warmed += len({n for n, _ in units})
+            if planned["kind"] in _SAMPLED:  # its provider's warm-up check is planned
+                self.policy.provider(planned["provider"]).checked = True
             specs, claims = claimed
             self._add(planned["subtask_id"], planned["provider"], planned["kind"], units, specs, claims,
                       planned["id"])

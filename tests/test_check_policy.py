@@ -66,7 +66,7 @@ def _settled_policy(provider: str) -> CheckPolicy:
     and ``provider`` past its warm-up: whatever it plans comes from the rule under test."""
     policy = _policy(budget=1e-9)
     policy.plan("top", _trials([0.99], first=10**6), 1.0)
-    policy.provider(provider).warmed = WARMUP_TRIALS
+    policy.provider(provider).checked = True
     return policy
 
 
@@ -97,8 +97,9 @@ def test_the_warm_up_checks_two_distinct_trials_of_each_provider() -> None:
     """Regression: the warm-up checked one unit per provider, so a provider faking all but one trial of
     each subtask (the replaying adversary trains one and reports its fold scores, give or take 0.01, for
     the others) passed it with probability 1/4 and lowered the reported best in 2 of 55 harness runs.
-    Now its first warm-up check takes two distinct trials of the subtask, one of them a fake, and an
-    honest provider pays two units for its warm-up, no more."""
+    Now the warm-up's check takes two distinct trials of the subtask, one of them a fake, and an
+    honest provider pays two units for its warm-up, no more; with one trial per subtask (no partial
+    fake within a subtask) one, as before."""
     policy = _policy(budget=1e-9)
     policy.plan("top", _trials([0.99], first=10**6), 1.0)
     for p in range(150):
@@ -106,8 +107,8 @@ def test_the_warm_up_checks_two_distinct_trials_of_each_provider() -> None:
                     for n, _ in plan.units} for i in range(10)]
         assert len(next(c for c in checked if c)) == WARMUP_TRIALS
         assert sum(len(c) for c in checked) == WARMUP_TRIALS
-    single = _policy(budget=1e-9, folds=1)  # one trial per subtask: the second comes from a later subtask
+    single = _policy(budget=1e-9, folds=1)
     single.plan("top", _trials([0.99], first=10**6), 1.0)
     for p in range(50):
         assert sum(len(plan.units) for i in range(40)
-                   for plan in single.plan(f"p{p}", _trials([0.5], first=100 * p + i), 1.0)) == WARMUP_TRIALS
+                   for plan in single.plan(f"p{p}", _trials([0.5], first=100 * p + i), 1.0)) == 1
