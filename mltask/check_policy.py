@@ -49,18 +49,29 @@ For each accepted subtask the policy plans:
   neighbours, so both draw checks; the mean normalisers keep the budget.
 - **warm-up**: until a provider's first sampled check is planned, each of its trials is
   checked with probability ``WARMUP_RATE = 1 - 0.01 ** (1 / 10) = 0.369`` (a subtask of
-  ``t`` trials gets at least one unit with probability ``1 - 0.631 ** t``). A provider that
-  fakes every result fails any check, so it meets one before its 10th fake with probability
-  ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's shape or the budget.
-  The binomial also prices it: an honest provider with ``n`` trials costs
-  ``1 - 0.631 ** n`` units (0.99 from ``n = 10``): one unit per provider, the same as
-  checking every provider's first subtask, which is what a 99% catch costs (any rule
-  catching a full faker within 10 trials with probability ``c`` checks an honest provider
-  within 10 trials with probability ``c``). A fold with k-fold CV, a whole trial with
-  holdout: two providers on a 40-trial holdout task spend ~5% on warm-ups alone. Not paced
-  (pacing warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness
-  runs; scaling them by the budget's share left 61% of full fakers unchecked through 10
-  trials at 2,000 providers); its cost is charged, so later samples pay.
+  ``t`` trials gets a check with probability ``1 - 0.631 ** t``), and that check takes
+  ``WARMUP_TRIALS = 2`` distinct trials of the subtask (one fold each) where it has two. A
+  provider that fakes every result fails any check, so it meets one before its 10th fake
+  with probability ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's
+  shape or the budget. A partial faker, faking ``f`` of each subtask's ``t`` trials (a
+  fraction ``phi``), fails it with probability ``1 - C(t - f, 2) / C(t, 2)``, about
+  ``1 - (1 - phi) ** 2``, where one trial would catch it with ``phi`` only: one that trains
+  one trial per subtask and makes up the rest (the replaying adversary: ``f = t - 1``) for
+  certain. The binomial also prices it: an honest provider with ``n`` trials costs
+  ``1 - 0.631 ** n`` checks (0.99 from ``n = 10``): two units per provider (one with one
+  trial per subtask), what a 99% catch of full fakers costs (any rule catching them within
+  10 trials with probability ``c`` checks an honest provider within 10 trials with
+  probability ``c``) plus one unit for the partial ones; where the budget already samples a
+  new provider's first subtask (at scale its risk is well above the mean) it costs nothing
+  more. A fold with k-fold CV, a whole trial with holdout: two providers on a 40-trial
+  holdout task with one trial per subtask spend ~5% on warm-ups alone. Not paced (pacing
+  warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness runs;
+  scaling them by the budget's share left 61% of full fakers unchecked through 10 trials at
+  2,000 providers); its cost is charged, so later samples pay.
+- **copies** (:meth:`CheckPolicy._copies`): trials of a subtask that claim the same fold
+  predictions (fingerprints) for different configurations get one fold of two of them
+  checked, with the provider's risk as probability: a provider reporting one computation for
+  several configurations is checked for certain until it has passed a check.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -235,31 +246,40 @@ class CheckPolicy:
         return units
 
     def _copies(self, ok: list[TrialResult]) -> list[Unit]:
-        """One fold of two trials of the subtask that claim the same fold scores for different configurations.
+        """One fold of two trials of the subtask that claim the same predictions for different configurations.
 
-        Training one configuration and reporting its result (scores, and fingerprints too, or
-        not) for others is the cheapest partial fake, and leaves this trace: identical
-        predictions give identical fold scores. Of two trials claiming one computation at most
-        one is its own unless the configurations truly behave the same (a parameter with no
-        effect), in which case both pass: so checking two of them catches a copier for certain.
-        A reason to check, never to ban. Asked with the provider's risk as probability (1 until
-        it has passed a check, then down to ``RISK_FLOOR``): a copier from its first subtask on
-        is checked there for certain, a patient one in each subtask it copies in with
+        Training one configuration and reporting its result (scores and fingerprints) for others
+        is the cheapest partial fake, and leaves this trace. Of two trials claiming one
+        computation at most one is its own unless the configurations truly predict alike (a
+        parameter with no effect), in which case both pass: so checking two of them catches a
+        copier. A reason to check, never to ban. Asked with the provider's risk as probability
+        (1 until it has passed a check, then down to ``RISK_FLOOR``): a copier from its first
+        subtask on is checked there for certain, a patient one in each subtask it copies in with
         probability 0.2 or more; an honest provider pays two units times its risk per subtask
         with real duplicates (configurations that predict alike: 25% of the subtasks of the
-        tests' 12-configuration decision tree on iris, none on continuous scores), nothing
-        otherwise. The scores, not the fingerprints: a copier may make up fingerprints, and
-        equal predictions mean equal scores. Configurations, not trials: a configuration drawn
-        twice may honestly give the same scores under any seed.
+        tests' 12-configuration decision tree on iris, none in the scale simulation), nothing
+        otherwise. Fingerprints, not scores: equal scores from different predictions are
+        common on small validation folds (31% of those subtasks), and a copier that makes up
+        fingerprints must make up scores too, or be seen here, which makes it the replaying
+        adversary the warm-up catches. Configurations, not trials: a configuration drawn twice
+        may honestly predict alike under any seed. The two farthest apart in the search space
+        (ties at random): configurations that differ most are the least likely to predict alike
+        honestly on the fold checked (a random pair of the decision tree's did on one fold, so
+        the copier passed in 3 of 100 harness runs).
         """
-        groups: dict[tuple[float, ...], dict[str, int]] = {}
+        groups: dict[tuple[str, ...], dict[str, TrialResult]] = {}
         for t in ok:
-            groups.setdefault(tuple(t.fold_scores), {}).setdefault(json.dumps(t.params, sort_keys=True), t.number)
+            if t.fold_fingerprints:
+                groups.setdefault(tuple(t.fold_fingerprints), {}).setdefault(json.dumps(t.params, sort_keys=True), t)
         copies = [list(group.values()) for group in groups.values() if len(group) > 1]
         if not copies:
             return []
+        points = [(t.number, self._embed(t.params)) for t in self.rng.choice(copies)]
+        pairs = [(float(((p - q) ** 2).sum()), self.rng.random(), a, b)
+                 for i, (a, p) in enumerate(points) for b, q in points[i + 1:]]
+        _, _, a, b = max(pairs)
         fold = self.rng.randrange(self.folds)
-        return [(n, fold) for n in self.rng.sample(self.rng.choice(copies), 2)]
+        return [(a, fold), (b, fold)]
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
         """The subtask's top trials (all that tie for its top score) if they beat every settled one

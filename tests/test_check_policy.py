@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from mltask.check_policy import WARMUP_CATCH, WARMUP_FAKES, WARMUP_TRIALS, CheckPolicy
 from mltask.protocol import TrialResult
 from mltask.space import SearchSpace
@@ -14,9 +16,15 @@ def _policy(budget: float = 0.0, folds: int = 5) -> CheckPolicy:
                        protect_best=True)
 
 
+def _digest(*key: object) -> str:
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
 def _trials(scores: list[float], first: int = 0) -> list[TrialResult]:
+    """Trials of different configurations; equal scores, equal predictions (fingerprints)."""
     return [TrialResult(number=first + i, params={"C": 1.0 + i}, seed=i, status="ok", fold_scores=[s] * 5,
-                        mean_score=s, std_score=0.0) for i, s in enumerate(scores)]
+                        fold_fingerprints=[_digest(s, fold) for fold in range(5)], mean_score=s, std_score=0.0)
+            for i, s in enumerate(scores)]
 
 
 def test_only_a_subtasks_top_trial_is_a_contender() -> None:
@@ -83,9 +91,11 @@ def test_trials_claiming_one_computation_for_different_configurations_are_checke
         units = [u for plan in policy.plan("a", copies, 1.0) for u in plan.units]
         assert len(units) == 2 and len({n for n, _ in units}) == 2, units
         assert {n for n, _ in units} <= {4 * i, 4 * i + 1, 4 * i + 2} and len({f for _, f in units}) == 1
-    assert policy.plan("a", _trials([0.5, 0.6, 0.4], first=200), 1.0) == []  # different scores: nothing
-    same = [TrialResult(number=300 + i, params={"C": 2.0}, seed=i, status="ok", fold_scores=[0.5] * 5,
-                        mean_score=0.5, std_score=0.0) for i in range(2)]
+    assert policy.plan("a", _trials([0.5, 0.6, 0.4], first=200), 1.0) == []  # different predictions: nothing
+    alike = [t.model_copy(update={"fold_fingerprints": [_digest(t.number, f) for f in range(5)]})
+             for t in _trials([0.5, 0.5], first=250)]
+    assert policy.plan("a", alike, 1.0) == []  # equal scores from different predictions: no sign either
+    same = [t.model_copy(update={"params": {"C": 2.0}}) for t in _trials([0.5, 0.5], first=300)]
     assert policy.plan("a", same, 1.0) == []  # one configuration drawn twice: equal scores are no sign
     for _ in range(100):
         policy.passed("a")  # trusted: risk 0.2
