@@ -69,9 +69,10 @@ For each accepted subtask the policy plans:
   scaling them by the budget's share left 61% of full fakers unchecked through 10 trials at
   2,000 providers); its cost is charged, so later samples pay.
 - **copies** (:meth:`CheckPolicy._copies`): trials of a subtask that claim the same fold
-  predictions (fingerprints) for different configurations get one fold of two of them
-  checked, with the provider's risk as probability: a provider reporting one computation for
-  several configurations is checked for certain until it has passed a check.
+  predictions (fingerprints) for different configurations get a fold of each of two of them
+  checked: a provider reporting one computation for several configurations is checked in
+  every subtask it does so in, an honest one pays two units where its configurations
+  predict alike.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -239,33 +240,32 @@ class CheckPolicy:
         chosen = {n for n, _ in units}
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
-        if self.budget > 0 and self.rng.random() < record.risk():
+        if self.budget > 0:
             chosen = {n for n, _ in units}
             units += [(n, fold) for n, fold in self._copies(ok) if n not in chosen]
         record.checked = record.checked or bool(units)
         return units
 
     def _copies(self, ok: list[TrialResult]) -> list[Unit]:
-        """One fold of two trials of the subtask that claim the same predictions for different configurations.
+        """A fold of each of two trials of the subtask that claim the same predictions for different configurations.
 
         Training one configuration and reporting its result (scores and fingerprints) for others
         is the cheapest partial fake, and leaves this trace. Of two trials claiming one
         computation at most one is its own unless the configurations truly predict alike (a
         parameter with no effect), in which case both pass: so checking two of them catches a
-        copier. A reason to check, never to ban. Asked with the provider's risk as probability
-        (1 until it has passed a check, then down to ``RISK_FLOOR``): a copier from its first
-        subtask on is checked there for certain, a patient one in each subtask it copies in with
-        probability 0.2 or more; an honest provider pays two units times its risk per subtask
-        with real duplicates (configurations that predict alike: 25% of the subtasks of the
-        tests' 12-configuration decision tree on iris, none in the scale simulation), nothing
-        otherwise. Fingerprints, not scores: equal scores from different predictions are
-        common on small validation folds (31% of those subtasks), and a copier that makes up
+        copier, in every subtask it copies in. A reason to check, never to ban. An honest
+        provider pays two units per subtask with real duplicates, nothing otherwise: 23% of the
+        subtasks of the tests' 12-configuration decision tree on iris, none in the scale
+        simulation; at worst (every subtask holding configurations that predict alike) two
+        units a subtask, 8% of a subtask of 5 trials x 5 folds. Not scaled by trust: scaled by
+        the provider's risk, a copier whose first copies happened to be right (configurations
+        that did predict alike) passed, and escaped in 1 of 100 harness runs even with every
+        copy checked. Fingerprints, not
+        scores: equal scores from different predictions are common on small validation folds
+        (31% of those subtasks have them, 23% equal predictions), and a copier that makes up
         fingerprints must make up scores too, or be seen here, which makes it the replaying
         adversary the warm-up catches. Configurations, not trials: a configuration drawn twice
-        may honestly predict alike under any seed. The two farthest apart in the search space
-        (ties at random): configurations that differ most are the least likely to predict alike
-        honestly on the fold checked (a random pair of the decision tree's did on one fold, so
-        the copier passed in 3 of 100 harness runs).
+        may honestly predict alike under any seed. Each of the two on its own random fold.
         """
         groups: dict[tuple[str, ...], dict[str, TrialResult]] = {}
         for t in ok:
@@ -274,12 +274,7 @@ class CheckPolicy:
         copies = [list(group.values()) for group in groups.values() if len(group) > 1]
         if not copies:
             return []
-        points = [(t.number, self._embed(t.params)) for t in self.rng.choice(copies)]
-        pairs = [(float(((p - q) ** 2).sum()), self.rng.random(), a, b)
-                 for i, (a, p) in enumerate(points) for b, q in points[i + 1:]]
-        _, _, a, b = max(pairs)
-        fold = self.rng.randrange(self.folds)
-        return [(a, fold), (b, fold)]
+        return [(t.number, self.rng.randrange(self.folds)) for t in self.rng.sample(self.rng.choice(copies), 2)]
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
         """The subtask's top trials (all that tie for its top score) if they beat every settled one
