@@ -69,10 +69,10 @@ For each accepted subtask the policy plans:
   scaling them by the budget's share left 61% of full fakers unchecked through 10 trials at
   2,000 providers); its cost is charged, so later samples pay.
 - **copies** (:meth:`CheckPolicy._copies`): trials of a subtask that claim the same fold
-  predictions (fingerprints) for different configurations get a fold of each of two of them
-  checked: a provider reporting one computation for several configurations is checked in
-  every subtask it does so in, an honest one pays two units where its configurations
-  predict alike.
+  predictions (fingerprints) for different configurations get a fold of each checked, with
+  the provider's risk as probability: a provider reporting one computation for several
+  configurations is checked at its first subtask, an honest one pays only where its
+  configurations predict alike.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -240,32 +240,35 @@ class CheckPolicy:
         chosen = {n for n, _ in units}
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
-        if self.budget > 0:
+        if self.budget > 0 and self.rng.random() < record.risk():
             chosen = {n for n, _ in units}
             units += [(n, fold) for n, fold in self._copies(ok) if n not in chosen]
         record.checked = record.checked or bool(units)
         return units
 
     def _copies(self, ok: list[TrialResult]) -> list[Unit]:
-        """A fold of each of two trials of the subtask that claim the same predictions for different configurations.
+        """A fold of each trial of the subtask that claims the same predictions as another configuration's.
 
         Training one configuration and reporting its result (scores and fingerprints) for others
-        is the cheapest partial fake, and leaves this trace. Of two trials claiming one
-        computation at most one is its own unless the configurations truly predict alike (a
-        parameter with no effect), in which case both pass: so checking two of them catches a
-        copier, in every subtask it copies in. A reason to check, never to ban. An honest
-        provider pays two units per subtask with real duplicates, nothing otherwise: 23% of the
-        subtasks of the tests' 12-configuration decision tree on iris, none in the scale
-        simulation; at worst (every subtask holding configurations that predict alike) two
-        units a subtask, 8% of a subtask of 5 trials x 5 folds. Not scaled by trust: scaled by
-        the provider's risk, a copier whose first copies happened to be right (configurations
-        that did predict alike) passed, and escaped in 1 of 100 harness runs even with every
-        copy checked. Fingerprints, not
-        scores: equal scores from different predictions are common on small validation folds
-        (31% of those subtasks have them, 23% equal predictions), and a copier that makes up
-        fingerprints must make up scores too, or be seen here, which makes it the replaying
-        adversary the warm-up catches. Configurations, not trials: a configuration drawn twice
-        may honestly predict alike under any seed. Each of the two on its own random fold.
+        is the cheapest partial fake, and leaves this trace. Of trials claiming one computation
+        at most one is its own unless the configurations truly predict alike (a parameter with
+        no effect), in which case all pass: checking them catches a copier unless each copy
+        checked happens to be right on its fold. A reason to check, never to ban. Every member,
+        not two: on the tests' 12-configuration decision tree on iris configurations often
+        predict alike on one fold, so two checked copies passed in 2-6 of 100 harness runs of
+        the copier, all of them in none of 100; an honest group is mostly a pair, and cost the
+        same. One group (at random) per subtask, each trial on its own random fold. Asked with
+        the provider's risk as probability (1 until it has passed a check, down to
+        ``RISK_FLOOR``): a copier is checked at its first subtask for certain, a patient one in
+        each subtask it copies in with probability 0.2 or more, and an honest provider pays the
+        group's size in units times its risk per subtask with real duplicates, nothing
+        otherwise (25-30% of the decision tree's subtasks; none in the scale simulation; at
+        worst, every trial of every subtask predicting alike, ``risk / folds`` of the search).
+        Fingerprints, not scores: equal scores from different predictions are common on small
+        validation folds (31% of those subtasks, 25% with equal predictions), and a copier that
+        makes up fingerprints must make up scores too, or be seen here, which makes it the
+        replaying adversary the warm-up catches. Configurations, not trials: a configuration
+        drawn twice may honestly predict alike under any seed.
         """
         groups: dict[tuple[str, ...], dict[str, TrialResult]] = {}
         for t in ok:
@@ -274,7 +277,7 @@ class CheckPolicy:
         copies = [list(group.values()) for group in groups.values() if len(group) > 1]
         if not copies:
             return []
-        return [(t.number, self.rng.randrange(self.folds)) for t in self.rng.sample(self.rng.choice(copies), 2)]
+        return [(t.number, self.rng.randrange(self.folds)) for t in self.rng.choice(copies)]
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
         """The subtask's top trials (all that tie for its top score) if they beat every settled one

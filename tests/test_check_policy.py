@@ -78,18 +78,17 @@ def _settled_policy(provider: str) -> CheckPolicy:
     return policy
 
 
-def test_trials_claiming_one_computation_for_different_configurations_are_checked_in_pairs() -> None:
-    """Regression: a provider that trains one configuration of a subtask and copies its scores (and
-    fingerprints) onto the others was caught only when a sampled check landed on a copy (14 of 30
-    harness runs). Now one fold of two of the trials claiming the same fold scores is checked: at most
-    one of them is its own computation, so one of the two is a copy, unless the configurations truly
-    behave the same (then both pass)."""
+def test_trials_claiming_one_computation_for_different_configurations_are_checked() -> None:
+    """Regression: a provider that trains one configuration of a subtask and copies its scores and
+    fingerprints onto the others was caught only when a sampled check landed on a copy (46 of 100
+    harness runs). Now a fold of each trial claiming another configuration's predictions is checked:
+    at most one of them is its own computation, unless the configurations truly predict alike (then all
+    pass). Certainly while the provider has passed no check, with its risk as probability once trusted."""
     policy = _settled_policy("a")
     for i in range(50):
         copies = _trials([0.5, 0.5, 0.5, 0.4], first=4 * i)
         units = [u for plan in policy.plan("a", copies, 1.0) for u in plan.units]
-        assert len(units) == 2 and len({n for n, _ in units}) == 2, units
-        assert {n for n, _ in units} <= {4 * i, 4 * i + 1, 4 * i + 2}
+        assert sorted(n for n, _ in units) == [4 * i, 4 * i + 1, 4 * i + 2], units
     assert policy.plan("a", _trials([0.5, 0.6, 0.4], first=200), 1.0) == []  # different predictions: nothing
     alike = [t.model_copy(update={"fold_fingerprints": [_digest(t.number, f) for f in range(5)]})
              for t in _trials([0.5, 0.5], first=250)]
@@ -97,8 +96,9 @@ def test_trials_claiming_one_computation_for_different_configurations_are_checke
     same = [t.model_copy(update={"params": {"C": 2.0}}) for t in _trials([0.5, 0.5], first=300)]
     assert policy.plan("a", same, 1.0) == []  # one configuration drawn twice: equal scores are no sign
     for _ in range(100):
-        policy.passed("a")  # trusted, but a copier does not earn copying by passing checks
-    assert all(policy.plan("a", _trials([0.5, 0.5], first=400 + 2 * i), 1.0) for i in range(20))
+        policy.passed("a")  # trusted: risk 0.2
+    checked = sum(bool(policy.plan("a", _trials([0.5, 0.5], first=400 + 2 * i), 1.0)) for i in range(400))
+    assert 40 < checked < 120  # 80 expected; the bounds are 4.5 standard errors away
 
 
 def test_the_warm_up_checks_two_distinct_trials_of_each_provider() -> None:
