@@ -256,7 +256,7 @@ class CheckPolicy:
         checked happens to be right on its fold. A reason to check, never to ban. Every member,
         not two: on the tests' 12-configuration decision tree on iris configurations often
         predict alike on one fold, so two checked copies passed in 2-6 of 100 harness runs of
-        the copier, all of them in none of 100; an honest group is mostly a pair, and cost the
+        the copier, all of them in 0-1 of 100; an honest group is mostly a pair, and cost the
         same. One group (at random) per subtask, each trial on its own random fold. Asked with
         the provider's risk as probability (1 until it has passed a check, down to
         ``RISK_FLOOR``): a copier is checked at its first subtask for certain, a patient one in

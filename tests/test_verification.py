@@ -42,8 +42,8 @@ from tests.support import climbing_task, results, task_dict, write_task
 
 STRUCTURAL = {"skip_trial", "other_subtask", "malformed", "huge"}
 # Cheats that fake every result they write: the first subtask's check catches them. (Not the copier: its
-# copies are checked in pairs, but on this decision tree on iris configurations often predict alike on the
-# fold checked, so a copy can pass: banned in 98 of 100 harness runs of this shape, bench/verification.py.)
+# copies are all checked, but on this decision tree on iris configurations often predict alike on the
+# fold checked, so a copy can pass: banned in 99 of 100 harness runs of this shape, bench/verification.py.)
 BLATANT = STRUCTURAL | {"inflate", "random_scores", "plausible_lazy", "claim_failed", "fake_best", "hide_best"}
 
 
