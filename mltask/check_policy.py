@@ -63,8 +63,9 @@ For each accepted subtask the policy plans:
   10 trials with probability ``c`` checks an honest provider within 10 trials with
   probability ``c``) plus one unit for the partial ones (in the harness, 40 trials on 3
   providers: 8.5 -> 11.2 units re-run per run of 200; at 500 providers the overhead stayed
-  within its run-to-run spread). A fold with k-fold CV, a whole trial with holdout: two providers on a 40-trial
-  holdout task with one trial per subtask spend ~5% on warm-ups alone. Not paced (pacing
+  within its run-to-run spread). A fold with k-fold CV, a whole trial with holdout: two
+  providers on a 40-trial holdout task with one trial per subtask spend ~5% on warm-ups
+  alone. Not paced (pacing
   warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness runs;
   scaling them by the budget's share left 61% of full fakers unchecked through 10 trials at
   2,000 providers); its cost is charged, so later samples pay.
