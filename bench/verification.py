@@ -17,7 +17,10 @@ good ones (``tests.dishonest.RungLiar``). Under ASHA which configurations climb 
 order answers arrive in, and a ban re-queues work, so there a best other than the honest
 run's is not necessarily the adversary's doing.
 
-    python bench/verification.py [--quick] [--runs N]
+    python bench/verification.py [--quick] [--runs N] [--only KIND ...] [--trials T --subtasks S]
+
+``--only`` measures just (c) and (d) for the named adversaries, many runs of one cheaply;
+``--trials 24 --subtasks 6`` is the shape of ``tests/test_verification.py``'s searches.
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def overheads(quick: bool) -> None:
             return
 
 
+SHAPE = {"trials": 40, "subtasks": 10}
+
+
 def _task(seed: int) -> dict[str, Any]:
-    data = task_dict(n_trials=40, seed=seed, cv={"kind": "stratified", "folds": 5})
-    data["subtasks_count"] = 10
+    data = task_dict(n_trials=SHAPE["trials"], seed=seed, cv={"kind": "stratified", "folds": 5})
+    data["subtasks_count"] = SHAPE["subtasks"]
     return data
 
 
@@ -79,10 +85,13 @@ def _fidelity_task(seed: int) -> dict[str, Any]:
 
 
 def catch_rates(runs: int, make_task: Callable[[int], dict[str, Any]], labels: tuple[str, str],
-                extra: dict[str, Callable[[], Cheat]] | None = None) -> None:
-    """Catch and outcome rates per adversary on ``make_task``'s search; ``labels`` name the two figures."""
+                extra: dict[str, Callable[[], Cheat]] | None = None, only: list[str] | None = None) -> None:
+    """Catch and outcome rates per adversary (those in ``only`` if given) on ``make_task``'s search;
+    ``labels`` name the two figures."""
     kinds: dict[str, Callable[[], Cheat] | None] = {
         **{k: (lambda c=c: c) for k, c in CHEATS.items()}, **ADVERSARIES, "colluders": None, **(extra or {})}
+    if only:
+        kinds = {kind: kinds[kind] for kind in only}
     with tempfile.TemporaryDirectory() as tmp:
         honest_best, false_bans = {}, 0
         for seed in range(runs):
@@ -114,7 +123,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one real run and 5 simulated runs per adversary")
     parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--only", nargs="+", metavar="KIND", help="(c) and (d) for these adversaries only")
+    parser.add_argument("--trials", type=int, default=SHAPE["trials"], help="trials per harness search")
+    parser.add_argument("--subtasks", type=int, default=SHAPE["subtasks"], help="subtasks per harness search")
     args = parser.parse_args()
+    SHAPE.update(trials=args.trials, subtasks=args.subtasks)
+    if args.only:
+        catch_rates(args.runs, _task, ("(c)", "(d)"), only=args.only)
+        return
     overheads(args.quick)
     runs = 5 if args.quick else args.runs
     catch_rates(runs, _task, ("(c)", "(d)"))

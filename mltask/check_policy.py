@@ -49,18 +49,31 @@ For each accepted subtask the policy plans:
   neighbours, so both draw checks; the mean normalisers keep the budget.
 - **warm-up**: until a provider's first sampled check is planned, each of its trials is
   checked with probability ``WARMUP_RATE = 1 - 0.01 ** (1 / 10) = 0.369`` (a subtask of
-  ``t`` trials gets at least one unit with probability ``1 - 0.631 ** t``). A provider that
-  fakes every result fails any check, so it meets one before its 10th fake with probability
-  ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's shape or the budget.
-  The binomial also prices it: an honest provider with ``n`` trials costs
-  ``1 - 0.631 ** n`` units (0.99 from ``n = 10``): one unit per provider, the same as
-  checking every provider's first subtask, which is what a 99% catch costs (any rule
-  catching a full faker within 10 trials with probability ``c`` checks an honest provider
-  within 10 trials with probability ``c``). A fold with k-fold CV, a whole trial with
-  holdout: two providers on a 40-trial holdout task spend ~5% on warm-ups alone. Not paced
-  (pacing warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness
-  runs; scaling them by the budget's share left 61% of full fakers unchecked through 10
-  trials at 2,000 providers); its cost is charged, so later samples pay.
+  ``t`` trials gets a check with probability ``1 - 0.631 ** t``), and that check takes
+  ``WARMUP_TRIALS = 2`` distinct trials of the subtask (one fold each) where it has two. A
+  provider that fakes every result fails any check, so it meets one before its 10th fake
+  with probability ``1 - 0.631 ** 10 = 99%`` (before its 5th: 90%), whatever the task's
+  shape or the budget. A partial faker, faking ``f`` of each subtask's ``t`` trials (a
+  fraction ``phi``), fails it with probability ``1 - C(t - f, 2) / C(t, 2)``, about
+  ``1 - (1 - phi) ** 2``, where one trial would catch it with ``phi`` only: one that trains
+  one trial per subtask and makes up the rest (the replaying adversary: ``f = t - 1``) for
+  certain. The binomial also prices it: an honest provider with ``n`` trials costs
+  ``1 - 0.631 ** n`` checks (0.99 from ``n = 10``): two units per provider (one with one
+  trial per subtask), what a 99% catch of full fakers costs (any rule catching them within
+  10 trials with probability ``c`` checks an honest provider within 10 trials with
+  probability ``c``) plus one unit for the partial ones (in the harness, 40 trials on 3
+  providers: 8.5 -> 11.2 units re-run per run of 200; at 500 providers the overhead stayed
+  within its run-to-run spread). A fold with k-fold CV, a whole trial with holdout: two
+  providers on a 40-trial holdout task with one trial per subtask spend ~5% on warm-ups
+  alone. Not paced (pacing
+  warm-ups by a budget not yet earned let such fakers through in 2 of 5 harness runs;
+  scaling them by the budget's share left 61% of full fakers unchecked through 10 trials at
+  2,000 providers); its cost is charged, so later samples pay.
+- **copies** (:meth:`CheckPolicy._copies`): trials of a subtask that claim the same fold
+  predictions (fingerprints) for different configurations get a fold of each checked, with
+  the provider's risk as probability: a provider reporting one computation for several
+  configurations is checked at its first subtask, an honest one pays only where its
+  configurations predict alike.
 
 Every draw comes from the operating system's generator (``secrets.SystemRandom``), so
 nothing a provider sees or can compute predicts which of its results will be checked.
@@ -69,6 +82,7 @@ nothing a provider sees or can compute predicts which of its results will be che
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import secrets
 from collections.abc import Collection
@@ -96,6 +110,7 @@ PACE_GAIN = 10.0  # see CheckPolicy._pace
 WARMUP_FAKES = 10  # a provider faking everything must meet a check before it has faked this many trials...
 WARMUP_CATCH = 0.99  # ...with this probability
 WARMUP_RATE = 1 - (1 - WARMUP_CATCH) ** (1 / WARMUP_FAKES)  # per trial until its first check: 0.369
+WARMUP_TRIALS = 2  # distinct trials its check takes where the subtask has them (a partial faker keeps one honest)
 CONTENDER_TRUST = 1  # contenders are checked until their provider has passed this many checks
 _EMA = 0.05
 
@@ -225,13 +240,52 @@ class CheckPolicy:
                  * self._pace())
             if record.warming_up():
                 m = max(m, 1 - (1 - WARMUP_RATE) ** len(ok))
-        k = min(len(ok) * self.folds, int(m) + (self.rng.random() < m - int(m)))
+        k = int(m) + (self.rng.random() < m - int(m))
+        if k and record.warming_up():  # on distinct trials (_weighted_units): see WARMUP_TRIALS
+            k = max(k, min(len(ok), WARMUP_TRIALS))
+        k = min(len(ok) * self.folds, k)
         units = self._weighted_units(ok, weights, k)
         chosen = {n for n, _ in units}
         if self.protect_best and record.passed < CONTENDER_TRUST:
             units += [(n, self.rng.randrange(self.folds)) for n in contenders if n not in chosen]
+        if self.budget > 0 and self.rng.random() < record.risk():
+            chosen = {n for n, _ in units}
+            units += [(n, fold) for n, fold in self._copies(ok) if n not in chosen]
         record.checked = record.checked or bool(units)
         return units
+
+    def _copies(self, ok: list[TrialResult]) -> list[Unit]:
+        """A fold of each trial of the subtask that claims the same predictions as another configuration's.
+
+        Training one configuration and reporting its result (scores and fingerprints) for others
+        is the cheapest partial fake, and leaves this trace. Of trials claiming one computation
+        at most one is its own unless the configurations truly predict alike (a parameter with
+        no effect), in which case all pass: checking them catches a copier unless each copy
+        checked happens to be right on its fold. A reason to check, never to ban. Every member,
+        not two: on the tests' 12-configuration decision tree on iris configurations often
+        predict alike on one fold, so two checked copies passed in 2-6 of 100 harness runs of
+        the copier, all of them in 0-1 of 100; an honest group is mostly a pair, and cost the
+        same. One group (at random) per subtask, each trial on its own random fold. Asked with
+        the provider's risk as probability (1 until it has passed a check, down to
+        ``RISK_FLOOR``): a copier is checked at its first subtask for certain, a patient one in
+        each subtask it copies in with probability 0.2 or more, and an honest provider pays the
+        group's size in units times its risk per subtask with real duplicates, nothing
+        otherwise (25-30% of the decision tree's subtasks; none in the scale simulation; at
+        worst, every trial of every subtask predicting alike, ``risk / folds`` of the search).
+        Fingerprints, not scores: equal scores from different predictions are common on small
+        validation folds (31% of those subtasks, 25% with equal predictions), and a copier that
+        makes up fingerprints must make up scores too, or be seen here, which makes it the
+        replaying adversary the warm-up catches. Configurations, not trials: a configuration
+        drawn twice may honestly predict alike under any seed.
+        """
+        groups: dict[tuple[str, ...], dict[str, TrialResult]] = {}
+        for t in ok:
+            if t.fold_fingerprints:
+                groups.setdefault(tuple(t.fold_fingerprints), {}).setdefault(json.dumps(t.params, sort_keys=True), t)
+        copies = [list(group.values()) for group in groups.values() if len(group) > 1]
+        if not copies:
+            return []
+        return [(t.number, self.rng.randrange(self.folds)) for t in self.rng.choice(copies)]
 
     def _contenders(self, ok: list[TrialResult]) -> set[int]:
         """The subtask's top trials (all that tie for its top score) if they beat every settled one

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mltask.check_policy import PACE_TARGET, WARMUP_CATCH, WARMUP_FAKES, CheckPolicy
+import hashlib
+
+from mltask.check_policy import PACE_TARGET, WARMUP_CATCH, WARMUP_FAKES, WARMUP_TRIALS, CheckPolicy
 from mltask.protocol import TrialResult
 from mltask.space import SearchSpace
 
@@ -14,9 +16,15 @@ def _policy(budget: float = 0.0, folds: int = 5) -> CheckPolicy:
                        protect_best=True)
 
 
+def _digest(*key: object) -> str:
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
 def _trials(scores: list[float], first: int = 0) -> list[TrialResult]:
+    """Trials of different configurations; equal scores, equal predictions (fingerprints)."""
     return [TrialResult(number=first + i, params={"C": 1.0 + i}, seed=i, status="ok", fold_scores=[s] * 5,
-                        mean_score=s, std_score=0.0) for i, s in enumerate(scores)]
+                        fold_fingerprints=[_digest(s, fold) for fold in range(5)], mean_score=s, std_score=0.0)
+            for i, s in enumerate(scores)]
 
 
 def test_only_a_subtasks_top_trial_is_a_contender() -> None:
@@ -101,3 +109,56 @@ def test_a_banned_providers_work_leaves_the_useful_compute_checks_are_paced_by()
     assert policy.useful == 40.0
     policy.forget("liar")  # banned twice (a checker and a claim): counted once
     assert policy.useful == 40.0
+
+
+def _settled_policy(provider: str) -> CheckPolicy:
+    """A policy whose budget affords nothing, with a best above what ``provider`` reports (no contender),
+    and ``provider`` past its warm-up: whatever it plans comes from the rule under test."""
+    policy = _policy(budget=1e-9)
+    policy.plan("top", _trials([0.99], first=10**6), 1.0)
+    policy.provider(provider).checked = True
+    return policy
+
+
+def test_trials_claiming_one_computation_for_different_configurations_are_checked() -> None:
+    """Regression: a provider that trains one configuration of a subtask and copies its scores and
+    fingerprints onto the others was caught only when a sampled check landed on a copy (46 of 100
+    harness runs). Now a fold of each trial claiming another configuration's predictions is checked:
+    at most one of them is its own computation, unless the configurations truly predict alike (then all
+    pass). Certainly while the provider has passed no check, with its risk as probability once trusted."""
+    policy = _settled_policy("a")
+    for i in range(50):
+        copies = _trials([0.5, 0.5, 0.5, 0.4], first=4 * i)
+        units = [u for plan in policy.plan("a", copies, 1.0) for u in plan.units]
+        assert sorted(n for n, _ in units) == [4 * i, 4 * i + 1, 4 * i + 2], units
+    assert policy.plan("a", _trials([0.5, 0.6, 0.4], first=200), 1.0) == []  # different predictions: nothing
+    alike = [t.model_copy(update={"fold_fingerprints": [_digest(t.number, f) for f in range(5)]})
+             for t in _trials([0.5, 0.5], first=250)]
+    assert policy.plan("a", alike, 1.0) == []  # equal scores from different predictions: no sign either
+    same = [t.model_copy(update={"params": {"C": 2.0}}) for t in _trials([0.5, 0.5], first=300)]
+    assert policy.plan("a", same, 1.0) == []  # one configuration drawn twice: equal scores are no sign
+    for _ in range(100):
+        policy.passed("a")  # trusted: risk 0.2
+    checked = sum(bool(policy.plan("a", _trials([0.5, 0.5], first=400 + 2 * i), 1.0)) for i in range(400))
+    assert 40 < checked < 120  # 80 expected; the bounds are 4.5 standard errors away
+
+
+def test_the_warm_up_checks_two_distinct_trials_of_each_provider() -> None:
+    """Regression: the warm-up checked one unit per provider, so a provider faking all but one trial of
+    each subtask (the replaying adversary trains one and reports its fold scores, give or take 0.01, for
+    the others) passed it with probability 1/4 and lowered the reported best in 2 of 55 harness runs.
+    Now the warm-up's check takes two distinct trials of the subtask, one of them a fake, and an
+    honest provider pays two units for its warm-up, no more; with one trial per subtask (no partial
+    fake within a subtask) one, as before."""
+    policy = _policy(budget=1e-9)
+    policy.plan("top", _trials([0.99], first=10**6), 1.0)
+    for p in range(150):
+        checked = [{n for plan in policy.plan(f"p{p}", _trials([0.5, 0.4, 0.3, 0.2], first=100 * p + 4 * i), 1.0)
+                    for n, _ in plan.units} for i in range(10)]
+        assert len(next(c for c in checked if c)) == WARMUP_TRIALS
+        assert sum(len(c) for c in checked) == WARMUP_TRIALS
+    single = _policy(budget=1e-9, folds=1)
+    single.plan("top", _trials([0.99], first=10**6), 1.0)
+    for p in range(50):
+        assert sum(len(plan.units) for i in range(40)
+                   for plan in single.plan(f"p{p}", _trials([0.5], first=100 * p + i), 1.0)) == 1

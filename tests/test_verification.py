@@ -41,13 +41,16 @@ from tests.dishonest import (
 from tests.support import climbing_task, results, task_dict, write_task
 
 STRUCTURAL = {"skip_trial", "other_subtask", "malformed", "huge"}
-# Cheats that fake every result they write: the first subtask's check catches them.
+# Cheats that fake every result they write: the first subtask's check catches them. (Not the copier: its
+# copies are all checked, but on this decision tree on iris configurations often predict alike on the
+# fold checked, so a copy can pass: banned in 99 of 100 harness runs of this shape, bench/verification.py.)
 BLATANT = STRUCTURAL | {"inflate", "random_scores", "plausible_lazy", "claim_failed", "fake_best", "hide_best"}
 
 
 def _search(**options: Any) -> dict[str, Any]:
-    """24 trials in 6 subtasks of 4, 5 folds: a provider's first subtask meets a warm-up check with
-    probability 1 - 0.631**4 = 84%, each further one while none was planned too; inflated fakes are contenders."""
+    """24 trials in 6 subtasks of 4, 5 folds: a provider's first subtask meets a warm-up check (of two of its
+    trials) with probability 1 - 0.631**4 = 84%, each further one while none was planned too; inflated fakes
+    are contenders."""
     data = task_dict(**{"n_trials": 24, "cv": {"kind": "stratified", "folds": 5}, **options})
     data["subtasks_count"] = 6
     return data
@@ -67,9 +70,10 @@ def honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float | None]:
 # Lies that only sampling can catch: a saboteur lowering good trials is caught when a check
 # lands on one (weighted towards them by their neighbours' scores), not for certain, so the
 # true best can stay hidden in some runs (README, "What sampling cannot catch cheaply";
-# bench/verification.py measures how often). The other guarantees hold for it too. The
-# replaying adversary lowers the best too; since warm-ups are drawn per trial it escaped in CI.
-SAMPLED_ONLY = {"lower_good", "replay_verifier"}
+# bench/verification.py measures how often). The other guarantees hold for it too. (The
+# replaying adversary, which lowers the best too, fakes all but one trial of each subtask:
+# the warm-up's check of two of them catches it.)
+SAMPLED_ONLY = {"lower_good"}
 
 
 def _assert_guarantees(task: Any, cheaters: set[str], honest: dict[str, float | None],
