@@ -232,7 +232,7 @@ def test_a_faked_rung_score_is_caught_and_no_promotion_rests_on_it(cheat: str, t
     rows = {r.number: r for r in task.store.trials()}
     assert all(r.state in ("complete", "pruned") for r in rows.values())
     for rung in rungs:  # nothing faked stands: each score is the honest one at its rung's resource
-        spec = task._rung_spec(rows[rung["number"]], rung["rung"])
+        spec = task._spec(rows[rung["number"]], rung["rung"])
         subtask = SubtaskDefinition(task_id=task.task_id, subtask_id="x", problem=task.problem, trials=[spec])
         assert evaluate_subtask(subtask, task.resources_dir).trials[0].mean_score == rung["value"]
     best = task.best_trial()
