@@ -127,7 +127,9 @@ class Verdict:
     subtask_id: str
     provider: str
     ok: bool
-    kind: str  # "structure", "version", "spot", "contender", "failure", "best" or "cancelled" (re-runs a ban made moot)
+    # "structure", "version", "spot", "contender", "failure", "best", "cancelled" (re-runs a ban made
+    # moot) or "rescue" (the requestor's run of trials before they are given up after faults)
+    kind: str
     checked: list[Unit] = field(default_factory=list)
     reason: str | None = None
     seconds: float = 0.0
@@ -173,6 +175,7 @@ class _Check:
 class _Rescue:
     """The requestor's run of a subtask's trials before they are given up after faults."""
 
+    provider: str  # whose fault made it the last attempt
     reason: str
     awaiting: set[int]
     results: dict[int, TrialResult] = field(default_factory=dict)
@@ -320,7 +323,7 @@ class Verifier:
         except MissingResult as exc:
             task.store.set_seconds_out(subtask_id, seconds_out)
             if task.gives_up(subtask_id):
-                self._rescue(subtask, f"{provider}: {exc}")
+                self._rescue(subtask, provider, f"{provider}: {exc}")
             else:
                 task.reject(subtask_id, f"{provider}: {exc}", fault=True)
             return
@@ -384,14 +387,14 @@ class Verifier:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _rescue(self, subtask: SubtaskDefinition, reason: str) -> None:
+    def _rescue(self, subtask: SubtaskDefinition, provider: str, reason: str) -> None:
         """Before trials are given up after faults, the requestor runs them (within subtask_timeout).
 
         Providers as many as ``max_attempts``, colluding, could otherwise hide the best
         configuration by never answering a subtask holding it: a fault is no evidence of a lie,
         and "gave up" was re-run by no one.
         """
-        self._rescues[subtask.subtask_id] = _Rescue(reason, {t.number for t in subtask.trials})
+        self._rescues[subtask.subtask_id] = _Rescue(provider, reason, {t.number for t in subtask.trials})
         for trial in subtask.trials:
             self.referee.submit((subtask.subtask_id, trial.number), trial)
 
@@ -404,6 +407,11 @@ class Verifier:
         del self._rescues[subtask_id]
         subtask = self.task.pending(subtask_id)
         assert subtask is not None
+        # stored like any re-run of the requestor's, whatever came of it: compute is compute
+        self.task.record_verdict(Verdict(
+            subtask_id, rescue.provider, ok=True, kind="rescue", checked=[(t.number, None) for t in subtask.trials],
+            reason=f"run on the requestor before giving up after faults, last: {rescue.reason}",
+            seconds=rescue.seconds))
         if not any(r.status == "ok" for r in rescue.results.values()):  # it fails here too: the configuration's
             self.task.reject(subtask_id, rescue.reason, fault=True)
             return

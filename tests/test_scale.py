@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale import TooSlow, report, scratch_dir, simulate
+from bench.scale import TooSlow, report, scratch_dir, simulate, simulated_verifier
 from mltask.definition import parse_definition
 from mltask.protocol import TrialSpec
 from mltask.provider import evaluator_for
-from mltask.simulation import METER, Network, SimBackend, faked_trials, fold_seconds, synthetic_task, trial_seconds
+from mltask.scheduler import drive
+from mltask.simulation import (
+    METER,
+    Network,
+    SimBackend,
+    faked_trials,
+    fold_seconds,
+    measure,
+    synthetic_task,
+    trial_seconds,
+)
 from mltask.task import HyperparameterSearchTask
 
 BLATANT = ("random_scores", "inflate", "claim_failed", "malformed")
@@ -107,6 +117,18 @@ def _backend(tmp_path: Path, network: Network, providers: int = 1) -> tuple[Hype
     backend = SimBackend({f"p{i}": None for i in range(providers)}, network, seed=1)
     backend.start(task.resources_dir, tmp_path / "scratch")
     return task, backend
+
+
+def test_the_store_accounts_for_trials_the_requestor_runs_before_giving_them_up(tmp_path: Path) -> None:
+    """Regression (1 run of test_the_store_accounts_for_every_requestor_rerun in ~70 failed): the requestor's
+    runs of a subtask faulted max_attempts times were metered but stored nowhere. Every subtask faults here."""
+    task, backend = _backend(tmp_path, Network(fault_rate=1.0, session_seconds=1e12), providers=3)
+    assert drive(task, backend, timeout=10**9, verifier=simulated_verifier(task, backend)) == "finished"
+    fig = measure(task, backend, set())
+    assert set(fig.requestor_records) == {"rescue"}
+    assert fig.requestor_records["rescue"] == pytest.approx(fig.requestor_cores * fig.makespan, rel=1e-9)
+    assert fig.requestor_records["rescue"] == pytest.approx(fig.useful)  # each trial run once, all on the requestor
+    task.store.close()
 
 
 def test_subtasks_take_their_cost_in_virtual_time(tmp_path: Path) -> None:
