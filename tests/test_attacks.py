@@ -187,6 +187,11 @@ class _CountingPool(RefereePool):
     def __init__(self, task: HyperparameterSearchTask) -> None:
         super().__init__(task.problem, task.resources_dir, 1)
         self.submitted: list[int] = []
+        self.widest = 1  # the most processes it could run re-runs on at once
+
+    def lend(self, cores: int) -> None:
+        self.widest = max(self.widest, cores)
+        super().lend(cores)
 
     def submit(self, key: Any, trial: Any) -> None:
         self.submitted.append(trial.number)
@@ -205,7 +210,9 @@ class _CountingPool(RefereePool):
 def test_a_liar_claiming_many_failures_costs_the_requestor_a_few_re_runs(tmp_path: Path, honest: dict) -> None:
     """Regression: claimed failures exhausted the referee: all 12 were queued at once and still re-run after
     the first proved the provider a liar and it was banned. A ban now cancels its queued re-runs, and a
-    confirming re-run goes before the others, so the liar is banned after its first lie's two runs."""
+    confirming re-run goes before the others, so the liar is banned after its first lie's two runs (one lie's
+    per referee process: the local backend lends its idle workers' cores to the pool, and CI once saw two lies
+    re-run at once on two)."""
     data = _search()
     data["subtasks_count"] = 2  # 12 trials a subtask: the liar claims all 12 failed at once
     pools: list[_CountingPool] = []
@@ -220,8 +227,8 @@ def test_a_liar_claiming_many_failures_costs_the_requestor_a_few_re_runs(tmp_pat
     searches = [s for s in task.store.subtasks("search") if s["provider"] == "local-1"]
     claimed = {n for s in searches for n in json.loads(s["trial_numbers"])}
     reruns = [n for n in pools[0].submitted if n in claimed]
-    # one lie found (twice: the referee checks its own run is reproducible), then the best's full re-run
-    assert len(reruns) <= 3, reruns
+    # one lie found per process (twice: the referee checks its own run is reproducible), then the best's full re-run
+    assert len(reruns) <= 2 * pools[0].widest + 1, (reruns, pools[0].widest)
 
 
 SLOW = '''
